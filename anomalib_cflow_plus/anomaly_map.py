@@ -1,0 +1,137 @@
+"""From per-layer log-likelihood maps to a calibrated anomaly map and an image score.
+
+Nothing here reduces across the batch: every image's map and score depend on that image and on
+the calibration constants (buffers fitted on normal training fibers) alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from anomalib.models.components import GaussianBlur2d
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+ScoreMode = Literal["paper", "zscore"]
+SCORE_MODES: tuple[str, ...] = ("paper", "zscore")
+
+
+class LayerStatistics:
+    """Streaming per-layer statistics of normal log-likelihoods: max, mean and std.
+
+    Feed it ``update(log_likelihoods)`` batch by batch; ``sums()`` exposes the running sums so
+    that distributed runs can all-reduce them before :meth:`finalize`.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.maximum = torch.full((num_layers,), -torch.inf, dtype=torch.float64)
+        self.total = torch.zeros(num_layers, dtype=torch.float64)
+        self.total_sq = torch.zeros(num_layers, dtype=torch.float64)
+        self.count = torch.zeros(num_layers, dtype=torch.float64)
+
+    def update(self, log_likelihoods: Sequence[torch.Tensor]) -> None:
+        """Add one batch: a sequence of L tensors of any shape (e.g. ``(B, h_l, w_l)``)."""
+        for layer, values in enumerate(log_likelihoods):
+            values = values.detach().double().flatten().cpu()
+            self.maximum[layer] = torch.maximum(self.maximum[layer], values.max())
+            self.total[layer] += values.sum()
+            self.total_sq[layer] += values.pow(2).sum()
+            self.count[layer] += values.numel()
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(max, mean, std)``, each of shape ``(L,)`` in float32."""
+        if bool((self.count == 0).any()):
+            msg = "No log-likelihoods were collected for calibration; is the training set empty?"
+            raise RuntimeError(msg)
+        mean = self.total / self.count
+        variance = (self.total_sq / self.count - mean.pow(2)).clamp_min(1e-12)
+        return self.maximum.float(), mean.float(), variance.sqrt().float()
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Turn per-layer log-likelihood maps into an anomaly map ``(B, 1, H, W)`` and a score ``(B,)``.
+
+    Score modes:
+        * ``"paper"``: per layer ``p_l = exp(ll_l - max_l)``, where ``max_l`` is the largest
+          log-likelihood seen on normal training fibers (the paper uses the test set's max, which
+          couples images in a batch); the map is ``L - sum_l upsample(p_l)``.
+        * ``"zscore"``: per layer ``(mean_l - ll_l) / std_l``, upsampled and averaged over layers.
+
+    The map is smoothed with a Gaussian of ``sigma`` pixels (0 disables it). The image score is
+    the mean of the top ``top_k_percent`` % of map pixels, or the map's max when it is 0.
+
+    Args:
+        num_layers: ``L``, the number of encoder layers.
+        sigma: Gaussian smoothing in pixels of the input image.
+        top_k_percent: Share of pixels averaged into the image score, in percent.
+        score_mode: ``"paper"`` or ``"zscore"``.
+
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        sigma: float = 4.0,
+        top_k_percent: float = 1.0,
+        score_mode: ScoreMode = "paper",
+    ) -> None:
+        super().__init__()
+        if score_mode not in SCORE_MODES:
+            msg = f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}."
+            raise ValueError(msg)
+        if not 0.0 <= top_k_percent <= 100.0:
+            msg = f"top_k_percent must lie in [0, 100], got {top_k_percent}."
+            raise ValueError(msg)
+        if sigma < 0:
+            msg = f"sigma must be >= 0, got {sigma}."
+            raise ValueError(msg)
+        self.score_mode = score_mode
+        self.top_k_percent = top_k_percent
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
+        self.register_buffer("layer_max", torch.zeros(num_layers))
+        self.register_buffer("layer_mean", torch.zeros(num_layers))
+        self.register_buffer("layer_std", torch.ones(num_layers))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    @torch.no_grad()
+    def set_calibration(self, maximum: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the per-layer constants, each of shape ``(L,)``."""
+        self.layer_max.copy_(maximum)
+        self.layer_mean.copy_(mean)
+        self.layer_std.copy_(std)
+        self.calibrated.fill_(True)
+
+    def layer_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Normalize each layer's ``(B, h_l, w_l)`` log-likelihoods into ``(B, 1, h_l, w_l)`` scores."""
+        scores = []
+        for layer, values in enumerate(log_likelihoods):
+            if self.score_mode == "paper":
+                scores.append(torch.exp(values - self.layer_max[layer]).unsqueeze(1))
+            else:
+                scores.append(((self.layer_mean[layer] - values) / self.layer_std[layer]).unsqueeze(1))
+        return scores
+
+    def forward(
+        self,
+        log_likelihoods: Sequence[torch.Tensor],
+        image_size: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aggregate L maps ``(B, h_l, w_l)`` into ``anomaly_map (B, 1, H, W)`` and ``pred_score (B,)``."""
+        upsampled = [
+            F.interpolate(score, size=image_size, mode="bilinear", align_corners=False)
+            for score in self.layer_scores(log_likelihoods)
+        ]
+        aggregate = torch.stack(upsampled).sum(dim=0)
+        anomaly_map = len(upsampled) - aggregate if self.score_mode == "paper" else aggregate / len(upsampled)
+        anomaly_map = self.blur(anomaly_map)
+        return anomaly_map, self.image_score(anomaly_map)
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Mean of the top ``top_k_percent`` % pixels of each map ``(B, 1, H, W)`` -> ``(B,)``."""
+        flat = anomaly_map.flatten(start_dim=1)
+        if self.top_k_percent == 0:
+            return flat.amax(dim=1)
+        k = max(1, round(flat.shape[1] * self.top_k_percent / 100.0))
+        return flat.topk(k, dim=1).values.mean(dim=1)

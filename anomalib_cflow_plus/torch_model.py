@@ -1,0 +1,170 @@
+"""CflowPlusModel: frozen encoder, one conditional flow decoder per layer, calibrated anomaly map.
+
+Pure PyTorch; nothing here depends on Lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components.feature_extractors import TimmFeatureExtractor
+from torch import nn
+
+from .anomaly_map import AnomalyMapGenerator, ScoreMode
+from .condition import positional_encoding_2d
+from .flow import FiberActNorm, build_decoder, log_likelihood
+
+# Families whose shallow stride-4 features are too thin to help; they use strides 8/16/32.
+_DEEP_DEFAULT_FAMILIES = ("efficientnet", "mobilenet", "tf_efficientnet")
+
+
+def feature_levels(backbone: str) -> list[dict]:
+    """Timm's feature info of ``backbone``: one dict per level with ``module``, ``num_chs`` and ``reduction``.
+
+    Builds the architecture without weights, so it never touches the network.
+    """
+    if not timm.is_model(backbone):
+        matches = timm.list_models(f"*{backbone[:6]}*")[:20]
+        msg = f"Unknown backbone {backbone!r}. Any timm model name works, for example: {', '.join(matches)}."
+        raise ValueError(msg)
+    probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
+    return list(probe.feature_info.info)
+
+
+def resolve_layers(backbone: str, layers: Sequence[str] | None, levels: Sequence[dict]) -> list[str]:
+    """Validate ``layers`` against the backbone's feature ``levels``, or choose the default three.
+
+    The default follows the paper: three consecutive levels, at strides 4/8/16 (``layer1..3`` of
+    a ResNet); for EfficientNet/MobileNet families, strides 8/16/32, whose stride-4 level is thin.
+    """
+    names = [level["module"] for level in levels]
+    if layers is None:
+        strides = (8, 16, 32) if backbone.startswith(_DEEP_DEFAULT_FAMILIES) else (4, 8, 16)
+        chosen = [level["module"] for level in levels if level["reduction"] in strides]
+        if len(chosen) != len(strides):
+            chosen = names[-3:]
+        return chosen
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown or not layers or len(set(layers)) != len(layers):
+        msg = f"Invalid layers {list(layers)} for backbone {backbone!r} (unknown: {unknown}). Valid layers: {names}."
+        raise ValueError(msg)
+    return sorted(layers, key=names.index)
+
+
+class CflowPlusModel(nn.Module):
+    """CFLOW-AD: a frozen encoder and one conditional normalizing-flow decoder per pooled layer.
+
+    Args:
+        backbone: timm model name of the encoder. Its weights are loaded separately (see
+            :mod:`anomalib_cflow_plus.backbones`); construction never touches the network.
+        layers: Encoder levels (timm module names) to model, or ``None`` for the default.
+        condition_vector: ``P``, the positional-encoding dimension (a multiple of 4).
+        coupling_blocks: ``K``, coupling blocks per decoder.
+        clamp_alpha: Soft-clamp bound of the couplings' log-scale.
+        sigma: Gaussian smoothing of the anomaly map, in pixels.
+        top_k_percent: Share of map pixels averaged into the image score (0: the max).
+        score_mode: ``"paper"`` or ``"zscore"``, see :class:`AnomalyMapGenerator`.
+
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        condition_vector: int = 128,
+        coupling_blocks: int = 8,
+        clamp_alpha: float = 1.9,
+        sigma: float = 4.0,
+        top_k_percent: float = 1.0,
+        score_mode: ScoreMode = "paper",
+    ) -> None:
+        super().__init__()
+        if condition_vector <= 0 or condition_vector % 4:
+            msg = f"condition_vector must be a positive multiple of 4, got {condition_vector}."
+            raise ValueError(msg)
+        if coupling_blocks < 1:
+            msg = f"coupling_blocks must be >= 1, got {coupling_blocks}."
+            raise ValueError(msg)
+        if clamp_alpha <= 0:
+            msg = f"clamp_alpha must be > 0, got {clamp_alpha}."
+            raise ValueError(msg)
+        self.backbone = backbone
+        levels = feature_levels(backbone)
+        self.layers = resolve_layers(backbone, layers, levels)
+        self.condition_vector = condition_vector
+        names = [level["module"] for level in levels]
+        # Integer out-indices spare the extractor a second probe model; its outputs are keyed by index.
+        self.encoder = TimmFeatureExtractor(backbone, [names.index(layer) for layer in self.layers], pre_trained=False)
+        self.decoders = nn.ModuleList(
+            build_decoder(channels, condition_vector, coupling_blocks, clamp_alpha, seed=index)
+            for index, channels in enumerate(self.encoder.out_dims)
+        )
+        self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode)
+        self._conditions: dict[tuple, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> CflowPlusModel:
+        """Switch the decoders' mode; the encoder stays in eval mode, so its BatchNorm never moves."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @property
+    def feature_encoder(self) -> nn.Module:
+        """The timm ``features_only`` network inside the anomalib feature extractor."""
+        return self.encoder.feature_extractor
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen features: images ``(B, 3, H, W)`` -> L tensors ``(B, C_l, h_l, w_l)``."""
+        return list(self.encoder(images).values())
+
+    def condition(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
+        """Positional condition of an ``height x width`` map as fibers ``(h*w, P)``, cached per size."""
+        key = (height, width, reference.device, reference.dtype)
+        if key not in self._conditions:
+            encoding = positional_encoding_2d(self.condition_vector, height, width, reference.device, reference.dtype)
+            self._conditions[key] = encoding.flatten(start_dim=1).T.contiguous()
+        return self._conditions[key]
+
+    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flatten features ``(B, C, h, w)`` into fibers ``(B*h*w, C)`` and their conditions ``(B*h*w, P)``."""
+        batch, channels, height, width = features.shape
+        fibers = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        condition = self.condition(height, width, features).repeat(batch, 1)
+        return fibers, condition
+
+    def fiber_log_likelihood(self, layer: int, fibers: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Per-dimension log-likelihood of fibers ``(N, C_l)`` under decoder ``layer`` -> ``(N,)``."""
+        z, log_jac_det = self.decoders[layer](fibers, c=[condition])
+        return log_likelihood(z, log_jac_det)
+
+    def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Log-likelihood maps: L tensors ``(B, h_l, w_l)``; each layer's fibers go through its decoder at once."""
+        maps = []
+        for layer, layer_features in enumerate(features):
+            batch, _, height, width = layer_features.shape
+            fibers, condition = self.fibers(layer_features)
+            maps.append(self.fiber_log_likelihood(layer, fibers, condition).reshape(batch, height, width))
+        return maps
+
+    @torch.no_grad()
+    def initialize_normalization(self, features: Sequence[torch.Tensor]) -> None:
+        """Data-initialize each decoder's ActNorm from one batch of features ``(B, C_l, h_l, w_l)``."""
+        for decoder, layer_features in zip(self.decoders, features, strict=True):
+            actnorm = decoder[0]
+            if isinstance(actnorm, FiberActNorm) and not bool(actnorm.initialized):
+                actnorm.initialize(self.fibers(layer_features)[0])
+
+    @property
+    def normalization_initialized(self) -> bool:
+        """Whether every decoder's ActNorm has been data-initialized."""
+        return all(bool(decoder[0].initialized) for decoder in self.decoders)
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
+        maps = self.log_likelihood_maps(self.encode(images))
+        anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+
+from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator, LayerStatistics
+
+
+def _maps(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, size, size, generator=generator) - 1.0 for size in (8, 4, 2)]
+
+
+def test_layer_statistics():
+    statistics = LayerStatistics(2)
+    first, second = torch.arange(6.0).reshape(2, 3), torch.tensor([[10.0, 20.0]])
+    statistics.update([first, second])
+    statistics.update([first + 6, second])
+    maximum, mean, std = statistics.finalize()
+    torch.testing.assert_close(maximum, torch.tensor([11.0, 20.0]))
+    torch.testing.assert_close(mean, torch.tensor([5.5, 15.0]))
+    torch.testing.assert_close(std, torch.tensor([torch.arange(12.0).std(unbiased=False).item(), 5.0]))
+
+
+def test_empty_statistics_raise():
+    with pytest.raises(RuntimeError, match="calibration"):
+        LayerStatistics(1).finalize()
+
+
+def test_paper_mode_map_and_score():
+    generator = AnomalyMapGenerator(3, sigma=0, top_k_percent=0, score_mode="paper")
+    generator.set_calibration(torch.zeros(3), torch.zeros(3), torch.ones(3))
+    maps = [torch.zeros(1, 4, 4), torch.zeros(1, 2, 2), torch.zeros(1, 1, 1)]
+    maps[0][0, 0, 0] = -math.log(2.0)  # half the likelihood of the best normal fiber
+    anomaly_map, score = generator(maps, image_size=(4, 4))
+    assert anomaly_map.shape == (1, 1, 4, 4)
+    assert anomaly_map[0, 0, 3, 3].item() == pytest.approx(0.0, abs=1e-6)
+    assert anomaly_map[0, 0, 0, 0].item() == pytest.approx(0.5, abs=1e-6)
+    assert score.item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_zscore_mode():
+    generator = AnomalyMapGenerator(1, sigma=0, top_k_percent=0, score_mode="zscore")
+    generator.set_calibration(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([0.5]))
+    anomaly_map, score = generator([torch.full((1, 2, 2), -2.0)], image_size=(2, 2))
+    torch.testing.assert_close(anomaly_map, torch.full((1, 1, 2, 2), 2.0))
+    assert score.item() == pytest.approx(2.0)
+
+
+def test_top_k_score_is_mean_of_largest_pixels():
+    generator = AnomalyMapGenerator(1, sigma=0, top_k_percent=10.0)
+    anomaly_map = torch.arange(100.0).reshape(1, 1, 10, 10)
+    assert generator.image_score(anomaly_map).item() == pytest.approx(torch.arange(90.0, 100.0).mean().item())
+
+
+def test_batch_independence_and_calibration_buffers():
+    generator = AnomalyMapGenerator(3, sigma=4.0)
+    generator.set_calibration(torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3), torch.ones(3))
+    maps = _maps(batch=5)
+    full_map, full_score = generator(maps, image_size=(32, 32))
+    single_map, single_score = generator([m[2:3] for m in maps], image_size=(32, 32))
+    torch.testing.assert_close(single_map[0], full_map[2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(single_score[0], full_score[2], atol=1e-6, rtol=0)
+    state = generator.state_dict()
+    assert {"layer_max", "layer_mean", "layer_std", "calibrated"} <= set(state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"score_mode": "median"}, "score_mode"), ({"top_k_percent": 120}, "top_k_percent"), ({"sigma": -1}, "sigma")],
+)
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AnomalyMapGenerator(3, **kwargs)

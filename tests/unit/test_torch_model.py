@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from anomalib_cflow_plus.torch_model import CflowPlusModel, feature_levels, resolve_layers
+
+
+@pytest.fixture(scope="module")
+def model() -> CflowPlusModel:
+    torch.manual_seed(0)
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=2)
+    images = torch.randn(4, 3, 96, 96)
+    model.initialize_normalization(model.encode(images))
+    with torch.no_grad():  # non-trivial decoders, as after training
+        for parameter in model.decoders.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model.eval()
+
+
+def test_default_layers_and_shapes(model):
+    assert model.layers == ["blocks.2", "blocks.4", "blocks.6"]
+    features = model.encode(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in features] == [(2, 40, 8, 12), (2, 112, 4, 6), (2, 320, 2, 3)]
+    maps = model.log_likelihood_maps(features)
+    assert [tuple(m.shape) for m in maps] == [(2, 8, 12), (2, 4, 6), (2, 2, 3)]
+
+
+def test_fibers_follow_positions(model):
+    features = torch.randn(2, 40, 3, 4)
+    fibers, condition = model.fibers(features)
+    assert fibers.shape == (24, 40) and condition.shape == (24, 128)
+    # fiber of image 1, row 2, column 3 sits at index 1*12 + 2*4 + 3, with that position's condition
+    torch.testing.assert_close(fibers[1 * 12 + 2 * 4 + 3], features[1, :, 2, 3])
+    torch.testing.assert_close(condition[1 * 12 + 2 * 4 + 3], condition[2 * 4 + 3])
+    assert not torch.allclose(condition[0], condition[1])
+
+
+def test_batch_independence(model):
+    images = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    batch = model(images)
+    for index in (0, 5):
+        alone = model(images[index : index + 1])
+        torch.testing.assert_close(alone.pred_score[0], batch.pred_score[index], atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone.anomaly_map[0], batch.anomaly_map[index], atol=1e-5, rtol=0)
+    assert batch.anomaly_map.shape == (8, 1, 128, 128)
+    assert batch.pred_score.shape == (8,)
+
+
+def test_encoder_stays_frozen_in_train_mode(model):
+    model.train()
+    try:
+        assert not model.encoder.training
+        assert all(not m.training for m in model.encoder.modules())
+        assert all(d.training for d in model.decoders)
+        bn = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        before = bn.running_mean.clone()
+        model.encode(torch.randn(2, 3, 64, 64) * 5)
+        torch.testing.assert_close(bn.running_mean, before)
+        assert all(not p.requires_grad for p in model.encoder.parameters()) or all(
+            p.grad is None for p in model.encoder.parameters()
+        )
+    finally:
+        model.eval()
+
+
+def test_state_dict_carries_calibration_and_permutations(model):
+    keys = set(model.state_dict())
+    assert {"anomaly_map.layer_max", "anomaly_map.layer_mean", "anomaly_map.layer_std"} <= keys
+    assert any(key.endswith("permutation") for key in keys)
+    assert any(key.endswith("initialized") for key in keys)
+
+
+def test_resolve_layers_errors_list_valid_names():
+    levels = feature_levels("resnet18")
+    assert resolve_layers("resnet18", None, levels) == ["layer1", "layer2", "layer3"]
+    assert resolve_layers("resnet18", ["layer3", "layer1"], levels) == ["layer1", "layer3"]
+    with pytest.raises(ValueError, match=r"Valid layers.*layer1"):
+        resolve_layers("resnet18", ["layer9"], levels)
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet_does_not_exist'"):
+        CflowPlusModel(backbone="resnet_does_not_exist")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"condition_vector": 126}, "multiple of 4"), ({"coupling_blocks": 0}, "coupling_blocks")]
+)
+def test_invalid_hyper_parameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CflowPlusModel(**kwargs)
