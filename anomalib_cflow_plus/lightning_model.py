@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -220,6 +221,22 @@ class CflowPlus(AnomalibModule):
     def on_fit_end(self) -> None:
         """Calibrate once more if the last training batches were not followed by validation."""
         self._calibrate_if_stale()
+
+    # ---------------------------------------------------------------- export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX (and, through it, to OpenVINO) at opset 18 unless another opset is asked for.
+
+        torch's exporter writes opset 18; anomalib's default of 14 makes it down-convert the
+        smoothing filter's ``Pad``, which has no adapter and falls back with an error trace.
+        """
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     # ------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

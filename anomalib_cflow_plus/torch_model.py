@@ -103,7 +103,6 @@ class CflowPlusModel(nn.Module):
             for index, channels in enumerate(self.encoder.out_dims)
         )
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode)
-        self._conditions: dict[tuple, torch.Tensor] = {}
 
     def train(self, mode: bool = True) -> CflowPlusModel:
         """Switch the decoders' mode; the encoder stays in eval mode, so its BatchNorm never moves."""
@@ -122,12 +121,13 @@ class CflowPlusModel(nn.Module):
         return list(self.encoder(images).values())
 
     def condition(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
-        """Positional condition of an ``height x width`` map as fibers ``(h*w, P)``, cached per size."""
-        key = (height, width, reference.device, reference.dtype)
-        if key not in self._conditions:
-            encoding = positional_encoding_2d(self.condition_vector, height, width, reference.device, reference.dtype)
-            self._conditions[key] = encoding.flatten(start_dim=1).T.contiguous()
-        return self._conditions[key]
+        """Positional condition of an ``height x width`` map as fibers ``(h*w, P)``.
+
+        Recomputed on each call (about 0.1 ms) rather than cached: a cache would hold tensors
+        from the exporter's tracing, and the exporter folds this into a constant anyway.
+        """
+        encoding = positional_encoding_2d(self.condition_vector, height, width, reference.device, reference.dtype)
+        return encoding.flatten(start_dim=1).T
 
     def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flatten features ``(B, C, h, w)`` into fibers ``(B*h*w, C)`` and their conditions ``(B*h*w, P)``."""
