@@ -1,0 +1,397 @@
+"""Benchmark CflowPlus's EfficientNet-Lite backbones on the demo data: accuracy, fit time and CPU latency.
+
+For every backbone and texture, train ``CflowPlus(backbone=...)`` (all other arguments default) with
+anomalib's ``Engine`` on CPU, test it, and record image AUROC, pixel AUROC, pixel AUPRO and the fit
+wall time. Then time the trained torch models at batch 1 (eager, ``torch.no_grad()``), with all
+backbones interleaved round-robin so that machine noise hits each of them alike.
+
+Usage::
+
+    python benchmarks/backbones.py                  # full benchmark (3 backbones x 3 textures, 3 epochs)
+    python benchmarks/backbones.py --quick          # tiny smoke run of the script itself
+    python benchmarks/backbones.py --backbones efficientnet_lite0 --textures brick --epochs 1
+
+Writes ``benchmarks/out/backbones.json`` (``backbones_quick.json`` with ``--quick``) and prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+
+from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+SEED = 42
+BATCH_SIZE = 16
+NUM_WORKERS = 2
+# Test-metric names logged by CflowPlus's default evaluator -> short names used in the results.
+METRIC_KEYS: dict[str, str] = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Everything one benchmark run depends on."""
+
+    backbones: tuple[str, ...]
+    textures: tuple[str, ...]
+    epochs: int
+    image_size: int
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    latency_repeats: int
+    latency_warmup: int
+    threads: int
+    data_root: Path
+    runs_root: Path
+    json_path: Path
+    quick: bool
+
+
+@dataclass
+class RunResult:
+    """Accuracy and fit time of one backbone on one texture."""
+
+    backbone: str
+    texture: str
+    metrics: dict[str, float]
+    fit_seconds: float
+    epoch_seconds: list[float]
+    test_seconds: float
+
+    @property
+    def fit_seconds_per_epoch(self) -> float:
+        """Whole ``fit`` wall time (setup, training, per-epoch validation, calibration) per epoch."""
+        return self.fit_seconds / max(len(self.epoch_seconds), 1)
+
+
+@dataclass
+class LatencyResult:
+    """Batch-1 eager CPU latency of one backbone, in milliseconds per image."""
+
+    backbone: str
+    model_ms: float
+    encoder_ms: float
+    model_samples_ms: list[float] = field(repr=False)
+    encoder_samples_ms: list[float] = field(repr=False)
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch, from its start to its end (the end-of-epoch validation included)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the epoch's clock."""
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop the epoch's clock."""
+        del trainer, pl_module
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+# ------------------------------------------------------------------------------------------ configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs per run (default: 3, quick: 1)")
+    parser.add_argument("--textures", nargs="+", default=list(DEMO_TEXTURES), choices=DEMO_TEXTURES)
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default: 30, quick: 5)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for training and timing (default: %(default)s; on a shared 2-core machine "
+        "2 threads oversubscribe the CPUs and run several times slower and far noisier)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny run to test the script: 128 px, 16 train images")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> BenchmarkConfig:
+    """Turn parsed arguments into a config; ``--quick`` shrinks the data, epochs and latency rounds."""
+    suffix = "_quick" if args.quick else ""
+    return BenchmarkConfig(
+        backbones=tuple(args.backbones),
+        textures=tuple(args.textures),
+        epochs=args.epochs or (1 if args.quick else 3),
+        image_size=128 if args.quick else 256,
+        n_train=16 if args.quick else 64,
+        n_test_good=4 if args.quick else 16,
+        n_test_defect=2 if args.quick else 8,
+        latency_repeats=args.repeats or (5 if args.quick else 30),
+        latency_warmup=2 if args.quick else 5,
+        threads=args.threads,
+        data_root=OUT_DIR / f"data{suffix}",
+        runs_root=OUT_DIR / f"runs{suffix}",
+        json_path=OUT_DIR / f"backbones{suffix}.json",
+        quick=args.quick,
+    )
+
+
+def quiet_libraries() -> None:
+    """Silence the per-run warnings and info lines of Lightning, anomalib and timm."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+
+def build_model(backbone: str, image_size: int) -> CflowPlus:
+    """``CflowPlus`` with default arguments; only a non-default image size changes the pre-processor."""
+    if image_size == 256:
+        return CflowPlus(backbone=backbone)
+    return CflowPlus(backbone=backbone, pre_processor=CflowPlus.configure_pre_processor((image_size, image_size)))
+
+
+def extract_metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Pick the benchmark metrics out of ``engine.test``'s result; fail loudly if one is missing."""
+    merged = {key: float(value) for result in results for key, value in result.items()}
+    missing = [key for key in METRIC_KEYS if key not in merged]
+    if missing:
+        msg = f"engine.test returned no {missing}; it returned {sorted(merged)}."
+        raise KeyError(msg)
+    return {short: merged[key] for key, short in METRIC_KEYS.items()}
+
+
+def train_and_test(backbone: str, texture: str, config: BenchmarkConfig) -> tuple[RunResult, CflowPlus]:
+    """Fit and test one backbone on one texture; return its result and the trained model."""
+    seed_everything(SEED, workers=True)
+    model = build_model(backbone, config.image_size)
+    datamodule = MVTecAD(
+        root=config.data_root,
+        category=texture,
+        train_batch_size=BATCH_SIZE,
+        eval_batch_size=BATCH_SIZE,
+        num_workers=NUM_WORKERS,
+    )
+    timer = EpochTimer()
+    engine = Engine(
+        callbacks=[timer],
+        logger=False,
+        max_epochs=config.epochs,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=config.runs_root / backbone / texture,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    engine.fit(model=model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    test_results = engine.test(model=model, datamodule=datamodule, verbose=False)
+    test_seconds = time.perf_counter() - start
+    result = RunResult(
+        backbone=backbone,
+        texture=texture,
+        metrics=extract_metrics(test_results),
+        fit_seconds=fit_seconds,
+        epoch_seconds=timer.seconds,
+        test_seconds=test_seconds,
+    )
+    return result, model
+
+
+# ------------------------------------------------------------------------------------------------- latency
+
+
+def time_call_ms(function: Callable[[], Any]) -> float:
+    """Wall time of one call, in milliseconds."""
+    start = time.perf_counter()
+    function()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_latency(models: dict[str, CflowPlus], image_size: int, repeats: int, warmup: int) -> list[LatencyResult]:
+    """Batch-1 eager latency of each model's full forward and of its encoder alone, interleaved round-robin.
+
+    Every round times each backbone once (full model, then encoder), in an order rotated by one per
+    round so that no backbone always runs first; the median over the rounds is reported.
+    """
+    torch.manual_seed(SEED)
+    image = torch.randn(1, 3, image_size, image_size)  # already "normalized": the pre-processor is not timed
+    torch_models = {name: model.model.eval() for name, model in models.items()}
+    calls: dict[str, dict[str, Callable[[], Any]]] = {
+        name: {"model": lambda m=net: m(image), "encoder": lambda m=net: m.encode(image)}
+        for name, net in torch_models.items()
+    }
+    samples: dict[str, dict[str, list[float]]] = {name: {"model": [], "encoder": []} for name in calls}
+    names = list(calls)
+    with torch.no_grad():
+        for round_index in range(warmup + repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                for part, call in calls[name].items():
+                    elapsed = time_call_ms(call)
+                    if round_index >= warmup:
+                        samples[name][part].append(elapsed)
+    return [
+        LatencyResult(
+            backbone=name,
+            model_ms=statistics.median(samples[name]["model"]),
+            encoder_ms=statistics.median(samples[name]["encoder"]),
+            model_samples_ms=samples[name]["model"],
+            encoder_samples_ms=samples[name]["encoder"],
+        )
+        for name in names
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean (NaN for no values)."""
+    return sum(values) / len(values) if values else math.nan
+
+
+def summarize(runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> list[dict[str, Any]]:
+    """One summary row per backbone: metrics averaged over textures, per-texture metrics, timings."""
+    latency_by_name = {entry.backbone: entry for entry in latency}
+    reference = latency[0].model_ms if latency else math.nan
+    rows = []
+    for backbone in dict.fromkeys(run.backbone for run in runs):
+        own = [run for run in runs if run.backbone == backbone]
+        timing = latency_by_name.get(backbone)
+        rows.append(
+            {
+                "backbone": backbone,
+                **{short: mean([run.metrics[short] for run in own]) for short in METRIC_KEYS.values()},
+                "per_texture": {run.texture: run.metrics for run in own},
+                "fit_seconds_per_epoch": mean([run.fit_seconds_per_epoch for run in own]),
+                "model_ms": timing.model_ms if timing else math.nan,
+                "model_ratio_vs_first": timing.model_ms / reference if timing else math.nan,
+                "encoder_ms": timing.encoder_ms if timing else math.nan,
+            },
+        )
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
+    """Markdown table of the summary rows; ratios are relative to ``reference``."""
+    header = (
+        "| backbone | image AUROC | pixel AUROC | AUPRO | per-texture image AUROC/AUPRO | fit s/epoch "
+        f"| torch ms/img (ratio vs {reference}) | encoder ms |"
+    )
+    lines = [header, "|" + "---|" * 8]
+    for row in rows:
+        per_texture = ", ".join(
+            f"{texture} {metrics['image_auroc']:.3f}/{metrics['aupro']:.3f}"
+            for texture, metrics in row["per_texture"].items()
+        )
+        lines.append(
+            f"| {row['backbone']} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['aupro']:.3f} "
+            f"| {per_texture} | {row['fit_seconds_per_epoch']:.1f} "
+            f"| {row['model_ms']:.1f} ({row['model_ratio_vs_first']:.2f}x) | {row['encoder_ms']:.1f} |",
+        )
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and CPU facts that the timings depend on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the folder (NaN stays NaN, as Python's json writes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def payload(config: BenchmarkConfig, runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> dict[str, Any]:
+    """JSON document of the whole benchmark, partial results included."""
+    return {
+        "config": asdict(config),
+        "environment": environment(),
+        "summary": summarize(runs, latency) if runs else [],
+        "runs": [{**asdict(run), "fit_seconds_per_epoch": run.fit_seconds_per_epoch} for run in runs],
+        "latency": [asdict(entry) for entry in latency],
+    }
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print the table and write the JSON. Return the exit code."""
+    config = build_config(build_parser().parse_args(argv))
+    quiet_libraries()
+    torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    generate_demo_dataset(
+        config.data_root,
+        textures=config.textures,
+        image_size=config.image_size,
+        n_train=config.n_train,
+        n_test_good=config.n_test_good,
+        n_test_defect=config.n_test_defect,
+    )
+    print(f"data: {config.data_root} ({time.perf_counter() - started:.1f} s)", flush=True)
+
+    runs: list[RunResult] = []
+    trained: dict[str, CflowPlus] = {}
+    for backbone in config.backbones:
+        for texture in config.textures:
+            result, trained[backbone] = train_and_test(backbone, texture, config)
+            runs.append(result)
+            print(
+                f"{backbone} {texture}: {result.metrics} fit {result.fit_seconds:.1f} s "
+                f"(epochs {[round(s, 1) for s in result.epoch_seconds]}) test {result.test_seconds:.1f} s "
+                f"[{torch.get_num_threads()} threads]",
+                flush=True,
+            )
+            write_json(config.json_path, payload(config, runs, []))
+
+    latency = measure_latency(trained, config.image_size, config.latency_repeats, config.latency_warmup)
+    for entry in latency:
+        print(f"latency {entry.backbone}: model {entry.model_ms:.1f} ms, encoder {entry.encoder_ms:.1f} ms", flush=True)
+    document = payload(config, runs, latency)
+    document["total_seconds"] = time.perf_counter() - started
+    write_json(config.json_path, document)
+
+    print()
+    print(format_table(document["summary"], config.backbones[0]))
+    print(f"\nJSON: {config.json_path}\ntotal: {document['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

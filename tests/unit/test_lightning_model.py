@@ -1,0 +1,89 @@
+import inspect
+import math
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+
+from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.backbones import packaged_state_dict
+from anomalib_cflow_plus.lightning_model import warmup_cosine_schedule
+
+
+def test_paper_defaults_are_constructor_arguments():
+    parameters = inspect.signature(CflowPlus).parameters
+    defaults = {name: parameter.default for name, parameter in parameters.items()}
+    assert defaults["condition_vector"] == 128
+    assert defaults["coupling_blocks"] == 8
+    assert defaults["clamp_alpha"] == 1.9
+    assert defaults["fiber_batch_size"] == 256
+    assert defaults["lr"] == 2e-4
+    model = CflowPlus(coupling_blocks=3, condition_vector=64)
+    assert len(model.model.decoders[0]) == 1 + 3  # ActNorm + couplings
+    assert model.hparams.coupling_blocks == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fiber_batch_size": 0}, "fiber_batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction"),
+        ({"condition_vector": 130}, "multiple of 4"),
+        ({"layers": ["blocks.9"]}, "Valid layers"),
+    ],
+)
+def test_invalid_hyper_parameters_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CflowPlus(**kwargs)
+
+
+def test_construction_never_loads_weights():
+    # a hub-only backbone: construction (as when rebuilding from a checkpoint) must not touch the network
+    model = CflowPlus(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
+    assert model.model.encoder.out_dims == [64, 128, 256]
+
+
+def test_schedule_warms_up_then_decays():
+    factor = warmup_cosine_schedule(total_steps=100, warmup_fraction=0.1)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5 * (1 + 1e-3), rel=1e-3)
+    assert factor(99) < 0.01
+    assert warmup_cosine_schedule(math.inf, 0.1)(10**6) == 1.0
+
+
+def test_fit_keeps_encoder_frozen_and_calibrates(trained_run):
+    model = trained_run.model
+    reference = packaged_state_dict("efficientnet_lite0")
+    encoder_state = model.model.feature_encoder.state_dict()
+    for key in ("conv_stem.weight", "bn1.running_mean", "blocks.2.0.bn1.running_var"):
+        torch.testing.assert_close(encoder_state[key], reference[key])  # pretrained, and unchanged by training
+    calibration = model.model.anomaly_map
+    assert bool(calibration.calibrated)
+    # the stored constants are the statistics of the final decoders on the training images
+    expected = calibration.layer_max.clone(), calibration.layer_std.clone()
+    datamodule = trained_run.datamodule
+    model.calibrate(model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader())
+    torch.testing.assert_close(calibration.layer_max, expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(calibration.layer_std, expected[1], atol=1e-5, rtol=0)
+
+
+def test_trained_model_detects_defects(trained_run):
+    assert trained_run.metrics["image_AUROC"] >= 0.9
+    assert trained_run.metrics["pixel_AUROC"] >= 0.9
+    assert "pixel_AUPRO" in trained_run.metrics
+
+
+def test_checkpoint_round_trip_reproduces_scores(trained_run, tiny_dataset):
+    restored = CflowPlus.load_from_checkpoint(trained_run.checkpoint).eval()
+    original = trained_run.model.eval()
+    datamodule = MVTecAD(root=tiny_dataset, category="brick", eval_batch_size=8, num_workers=0)
+    datamodule.setup()
+    images = next(iter(datamodule.test_dataloader())).image
+    with torch.no_grad():
+        expected, actual = original(images), restored(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=0, rtol=0)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=0, rtol=0)
+    assert bool(restored.model.anomaly_map.calibrated)
