@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from FrEIA.framework import SequenceINN
-from FrEIA.modules import ActNorm, InvertibleModule
+from FrEIA.modules import InvertibleModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -99,27 +99,48 @@ class ConditionalAffineCoupling(InvertibleModule):
         return list(input_dims)
 
 
-class FiberActNorm(ActNorm):
-    """FrEIA's ActNorm with an explicit, guarded data initialization and its state in a buffer.
+class FiberActNorm(InvertibleModule):
+    """Per-channel affine normalization of fibers (Glow's ActNorm) with an explicit data initialization.
 
-    FrEIA's ActNorm initializes itself on whatever batch it sees first, which would make an
-    untrained model's scores depend on its batch, and it divides by zero on constant channels.
-    Here initialization only happens through :meth:`initialize`, the flag travels in the
-    state dict, and the scale is bounded for (near-)constant channels.
+    ``y = x * exp(scale) + bias`` with ``log|det J| = sum(scale)``. FrEIA's ``ActNorm`` is not used:
+    it initializes itself on whatever batch it sees first (so an untrained model's scores would
+    depend on their batch), it divides by zero on constant channels, and its closure hook makes
+    the model unpicklable (anomalib's torch export pickles it). Here the initialization only
+    happens through :meth:`initialize`, is bounded for constant channels, and its flag is a buffer.
     """
 
     def __init__(self, dims_in: Sequence[tuple[int, ...]], dims_c: Sequence[tuple[int, ...]] | None = None) -> None:
         super().__init__(dims_in, dims_c)
-        self.init_on_next_batch = False
+        channels = dims_in[0][0]
+        self.scale = nn.Parameter(torch.zeros(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
 
     @torch.no_grad()
     def initialize(self, fibers: torch.Tensor, eps: float = 1e-3) -> None:
         """Set scale and bias so that ``fibers`` (N, C) become zero-mean and unit-variance per channel."""
         std = fibers.std(dim=0).clamp_min(eps)
-        self.scale.copy_(-torch.log(std).view_as(self.scale))
-        self.bias.copy_((-fibers.mean(dim=0) / std).view_as(self.bias))
+        self.scale.copy_(-torch.log(std))
+        self.bias.copy_(-fibers.mean(dim=0) / std)
         self.initialized.fill_(True)
+
+    def forward(
+        self,
+        x: Sequence[torch.Tensor],
+        rev: bool = False,
+        jac: bool = True,
+    ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+        """Normalize fibers ``x[0]`` (N, C); return ``((y,), log_det (N,))``."""
+        del jac
+        fibers = x[0]
+        log_det = self.scale.sum().expand(fibers.shape[0])
+        if rev:
+            return ((fibers - self.bias) * torch.exp(-self.scale),), -log_det
+        return (fibers * torch.exp(self.scale) + self.bias,), log_det
+
+    def output_dims(self, input_dims: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """Fibers keep their shape."""
+        return list(input_dims)
 
 
 def build_decoder(
