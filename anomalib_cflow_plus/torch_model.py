@@ -72,7 +72,7 @@ class CflowPlusModel(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "efficientnet_lite0",
+        backbone: str = "efficientnet_lite1",
         layers: Sequence[str] | None = None,
         condition_vector: int = 128,
         coupling_blocks: int = 8,

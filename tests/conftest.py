@@ -40,7 +40,7 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
-    """CflowPlus (efficientnet_lite0) trained for 2 epochs on the tiny dataset, then tested."""
+    """CflowPlus (default backbone) trained for 2 epochs on the tiny dataset, then tested."""
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 

@@ -42,8 +42,9 @@ def test_openvino_export_matches_torch(trained_run, test_images, torch_predictio
     assert any(labels) and not all(labels), "the comparison should cover both normal and anomalous predictions"
 
 
-def test_torch_export_matches_torch(trained_run, test_images, torch_predictions, tmp_path):
+def test_torch_export_matches_torch(trained_run, test_images, torch_predictions, tmp_path, monkeypatch):
     path = trained_run.engine.export(trained_run.model, ExportType.TORCH, export_root=tmp_path)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib's opt-in to unpickle a whole exported model
     inferencer = TorchInferencer(path=path, device="cpu")
     for image_path, expected in zip(test_images, torch_predictions, strict=True):
         actual = inferencer.predict(image_path)

@@ -55,6 +55,6 @@ def test_cli_short_name_shows_hyper_parameters():
 def test_configs_parse_with_anomalib_cli():
     output = run(ANOMALIB, "train", "--config", str(REPO / "configs" / "demo.yaml"), "--print_config")
     assert "class_path: anomalib_cflow_plus.CflowPlus" in output
-    assert "backbone: efficientnet_lite0" in output
+    assert "backbone: efficientnet_lite1" in output
     output = run(ANOMALIB, "train", "--model", "anomalib_cflow_plus.CflowPlus", "--data", "MVTecAD", "--print_config")
     assert "class_path: anomalib_cflow_plus.CflowPlus" in output

@@ -56,7 +56,7 @@ def test_schedule_warms_up_then_decays():
 
 def test_fit_keeps_encoder_frozen_and_calibrates(trained_run):
     model = trained_run.model
-    reference = packaged_state_dict("efficientnet_lite0")
+    reference = packaged_state_dict(model.backbone)
     encoder_state = model.model.feature_encoder.state_dict()
     for key in ("conv_stem.weight", "bn1.running_mean", "blocks.2.0.bn1.running_var"):
         torch.testing.assert_close(encoder_state[key], reference[key])  # pretrained, and unchanged by training
