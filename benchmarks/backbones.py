@@ -28,7 +28,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-SEED = 42
+DEFAULT_SEED = 42
 BATCH_SIZE = 16
 NUM_WORKERS = 2
 # Test-metric names logged by CflowPlus's default evaluator -> short names used in the results.
@@ -63,6 +63,7 @@ class BenchmarkConfig:
     latency_repeats: int
     latency_warmup: int
     threads: int
+    seed: int
     data_root: Path
     runs_root: Path
     json_path: Path
@@ -132,13 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads for training and timing (default: %(default)s; on a shared 2-core machine "
         "2 threads oversubscribe the CPUs and run several times slower and far noisier)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help="seed_everything before each run (default: %(default)s; other seeds write *_seed<N> outputs)",
+    )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="only recompute the summary and table of an existing backbones*.json"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run to test the script: 128 px, 16 train images")
     return parser
 
 
 def build_config(args: argparse.Namespace) -> BenchmarkConfig:
     """Turn parsed arguments into a config; ``--quick`` shrinks the data, epochs and latency rounds."""
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_seed{args.seed}" if args.seed != DEFAULT_SEED else "")
     return BenchmarkConfig(
         backbones=tuple(args.backbones),
         textures=tuple(args.textures),
@@ -150,7 +160,8 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
         latency_repeats=args.repeats or (5 if args.quick else 30),
         latency_warmup=2 if args.quick else 5,
         threads=args.threads,
-        data_root=OUT_DIR / f"data{suffix}",
+        seed=args.seed,
+        data_root=OUT_DIR / ("data_quick" if args.quick else "data"),
         runs_root=OUT_DIR / f"runs{suffix}",
         json_path=OUT_DIR / f"backbones{suffix}.json",
         quick=args.quick,
@@ -187,7 +198,7 @@ def extract_metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
 
 def train_and_test(backbone: str, texture: str, config: BenchmarkConfig) -> tuple[RunResult, CflowPlus]:
     """Fit and test one backbone on one texture; return its result and the trained model."""
-    seed_everything(SEED, workers=True)
+    seed_everything(config.seed, workers=True)
     model = build_model(backbone, config.image_size)
     datamodule = MVTecAD(
         root=config.data_root,
@@ -240,7 +251,7 @@ def measure_latency(models: dict[str, CflowPlus], image_size: int, repeats: int,
     Every round times each backbone once (full model, then encoder), in an order rotated by one per
     round so that no backbone always runs first; the median over the rounds is reported.
     """
-    torch.manual_seed(SEED)
+    torch.manual_seed(DEFAULT_SEED)
     image = torch.randn(1, 3, image_size, image_size)  # already "normalized": the pre-processor is not timed
     torch_models = {name: model.model.eval() for name, model in models.items()}
     calls: dict[str, dict[str, Callable[[], Any]]] = {
@@ -277,10 +288,18 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``samples[i] / reference[i]``: both were timed in the same round, so noise cancels."""
+    return statistics.median(a / b for a, b in zip(samples, reference, strict=True))
+
+
 def summarize(runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> list[dict[str, Any]]:
-    """One summary row per backbone: metrics averaged over textures, per-texture metrics, timings."""
+    """One summary row per backbone: metrics averaged over textures, per-texture metrics, timings.
+
+    Latency ratios are relative to the first timed backbone, as medians of per-round ratios.
+    """
     latency_by_name = {entry.backbone: entry for entry in latency}
-    reference = latency[0].model_ms if latency else math.nan
+    reference = latency[0] if latency else None
     rows = []
     for backbone in dict.fromkeys(run.backbone for run in runs):
         own = [run for run in runs if run.backbone == backbone]
@@ -292,8 +311,13 @@ def summarize(runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> li
                 "per_texture": {run.texture: run.metrics for run in own},
                 "fit_seconds_per_epoch": mean([run.fit_seconds_per_epoch for run in own]),
                 "model_ms": timing.model_ms if timing else math.nan,
-                "model_ratio_vs_first": timing.model_ms / reference if timing else math.nan,
+                "model_ratio_vs_first": (
+                    paired_ratio(timing.model_samples_ms, reference.model_samples_ms) if timing else math.nan
+                ),
                 "encoder_ms": timing.encoder_ms if timing else math.nan,
+                "encoder_ratio_vs_first": (
+                    paired_ratio(timing.encoder_samples_ms, reference.encoder_samples_ms) if timing else math.nan
+                ),
             },
         )
     return rows
@@ -303,7 +327,7 @@ def format_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
     """Markdown table of the summary rows; ratios are relative to ``reference``."""
     header = (
         "| backbone | image AUROC | pixel AUROC | AUPRO | per-texture image AUROC/AUPRO | fit s/epoch "
-        f"| torch ms/img (ratio vs {reference}) | encoder ms |"
+        f"| torch ms/img (ratio vs {reference}) | encoder ms (ratio) |"
     )
     lines = [header, "|" + "---|" * 8]
     for row in rows:
@@ -314,7 +338,8 @@ def format_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
         lines.append(
             f"| {row['backbone']} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | {row['aupro']:.3f} "
             f"| {per_texture} | {row['fit_seconds_per_epoch']:.1f} "
-            f"| {row['model_ms']:.1f} ({row['model_ratio_vs_first']:.2f}x) | {row['encoder_ms']:.1f} |",
+            f"| {row['model_ms']:.1f} ({row['model_ratio_vs_first']:.2f}x) "
+            f"| {row['encoder_ms']:.1f} ({row['encoder_ratio_vs_first']:.2f}x) |",
         )
     return "\n".join(lines)
 
@@ -347,12 +372,27 @@ def payload(config: BenchmarkConfig, runs: Sequence[RunResult], latency: Sequenc
     }
 
 
+def report(path: Path) -> str:
+    """Recompute the summary of a JSON written by this script, store it there and return its table."""
+    document = json.loads(path.read_text())
+    run_keys = {item.name for item in fields(RunResult)}
+    runs = [RunResult(**{key: value for key, value in run.items() if key in run_keys}) for run in document["runs"]]
+    latency = [LatencyResult(**entry) for entry in document["latency"]]
+    document["summary"] = summarize(runs, latency)
+    write_json(path, document)
+    return format_table(document["summary"], document["config"]["backbones"][0])
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table and write the JSON. Return the exit code."""
-    config = build_config(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.report is not None:
+        print(report(args.report))
+        return 0
+    config = build_config(args)
     quiet_libraries()
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
