@@ -87,3 +87,11 @@ def test_checkpoint_round_trip_reproduces_scores(trained_run, tiny_dataset):
     torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=0, rtol=0)
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, atol=0, rtol=0)
     assert bool(restored.model.anomaly_map.calibrated)
+
+
+def test_optimizer_trains_the_decoders_only():
+    model = CflowPlus(coupling_blocks=2)
+    optimizer = model.configure_optimizers()["optimizer"]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.model.decoders.parameters()}
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)

@@ -55,9 +55,8 @@ def test_encoder_stays_frozen_in_train_mode(model):
         before = bn.running_mean.clone()
         model.encode(torch.randn(2, 3, 64, 64) * 5)
         torch.testing.assert_close(bn.running_mean, before)
-        assert all(not p.requires_grad for p in model.encoder.parameters()) or all(
-            p.grad is None for p in model.encoder.parameters()
-        )
+        features = model.encode(torch.randn(1, 3, 64, 64))
+        assert not any(f.requires_grad for f in features)  # no graph reaches the encoder
     finally:
         model.eval()
 
