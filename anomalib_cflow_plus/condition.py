@@ -7,6 +7,13 @@ import math
 import torch
 
 
+def check_condition_dim(condition_dim: int) -> None:
+    """Raise a ``ValueError`` unless ``condition_dim`` is a positive multiple of 4 (sin/cos for rows and columns)."""
+    if condition_dim <= 0 or condition_dim % 4:
+        msg = f"condition_vector must be a positive multiple of 4, got {condition_dim}."
+        raise ValueError(msg)
+
+
 def positional_encoding_2d(
     condition_dim: int,
     height: int,
@@ -31,9 +38,7 @@ def positional_encoding_2d(
         Tensor of shape ``(P, h, w)``.
 
     """
-    if condition_dim <= 0 or condition_dim % 4:
-        msg = f"condition_dim must be a positive multiple of 4, got {condition_dim}."
-        raise ValueError(msg)
+    check_condition_dim(condition_dim)
     half = condition_dim // 2
     frequencies = torch.exp(
         torch.arange(0, half, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / half),

@@ -14,7 +14,7 @@ from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, ScoreMode
-from .condition import positional_encoding_2d
+from .condition import check_condition_dim, positional_encoding_2d
 from .flow import FiberActNorm, build_decoder, log_likelihood
 
 # Families whose shallow stride-4 features are too thin to help; they use strides 8/16/32.
@@ -82,9 +82,7 @@ class CflowPlusModel(nn.Module):
         score_mode: ScoreMode = "paper",
     ) -> None:
         super().__init__()
-        if condition_vector <= 0 or condition_vector % 4:
-            msg = f"condition_vector must be a positive multiple of 4, got {condition_vector}."
-            raise ValueError(msg)
+        check_condition_dim(condition_vector)
         if coupling_blocks < 1:
             msg = f"coupling_blocks must be >= 1, got {coupling_blocks}."
             raise ValueError(msg)
