@@ -37,7 +37,10 @@ def test_openvino_export_matches_torch(trained_run, test_images, torch_predictio
         actual = inferencer.predict(image_path)
         assert abs(float(actual.pred_score[0]) - float(expected.pred_score[0])) <= 1e-4, image_path
         assert np.abs(actual.anomaly_map[0].squeeze() - expected.anomaly_map[0].squeeze().numpy()).max() <= 1e-3
-        assert bool(actual.pred_label[0]) == bool(expected.pred_label[0]), image_path
+        # anomalib's adaptive threshold sits exactly on one validation image's score (normalized to 0.5); that
+        # image's label is a tie that float rounding may break either way, so labels are compared off the tie.
+        if abs(float(expected.pred_score[0]) - 0.5) > 1e-4:
+            assert bool(actual.pred_label[0]) == bool(expected.pred_label[0]), image_path
         labels.append(bool(actual.pred_label[0]))
     assert any(labels) and not all(labels), "the comparison should cover both normal and anomalous predictions"
 
