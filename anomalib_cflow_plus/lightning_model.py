@@ -23,11 +23,13 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 
 from .anomaly_map import LayerStatistics, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
+from .callbacks import CalibrationCallback
 from .flow import flow_loss
 from .torch_model import CflowPlusModel
 
@@ -115,7 +117,6 @@ class CflowPlus(AnomalibModule):
         self.lr = lr
         self.warmup_fraction = warmup_fraction
         self.automatic_optimization = False
-        self._calibration_stale = False
 
     @property
     def learning_type(self) -> LearningType:
@@ -126,6 +127,12 @@ class CflowPlus(AnomalibModule):
     def trainer_arguments(self) -> dict[str, Any]:
         """Manual optimization clips nothing; no sanity validation before calibration exists."""
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Return anomalib's component callbacks and the calibration that keeps scores in step with the decoders."""
+        callbacks = super().configure_callbacks()
+        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
+        return [*callbacks, CalibrationCallback()]
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -182,7 +189,6 @@ class CflowPlus(AnomalibModule):
                 optimizer.step()
                 losses.append(loss.detach())
         self.lr_schedulers().step()
-        self._calibration_stale = True
         loss = torch.stack(losses).mean()
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         return {"loss": loss}
@@ -203,25 +209,6 @@ class CflowPlus(AnomalibModule):
                 statistics.update(self.model.log_likelihood_maps(self.model.encode(batch.to(self.device))))
         self.model.train(was_training)
         self.model.anomaly_map.set_calibration(*statistics.finalize())
-        self._calibration_stale = False
-
-    def _training_images(self) -> Iterable[torch.Tensor]:
-        """Pre-processed images of the trainer's training dataloader."""
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        for batch in self.trainer.train_dataloader:
-            yield transform(batch.image) if transform is not None else batch.image
-
-    def _calibrate_if_stale(self) -> None:
-        if self._calibration_stale:
-            self.calibrate(self._training_images())
-
-    def on_validation_epoch_start(self) -> None:
-        """Recalibrate, so that validation sees the current decoders."""
-        self._calibrate_if_stale()
-
-    def on_fit_end(self) -> None:
-        """Calibrate once more if the last training batches were not followed by validation."""
-        self._calibrate_if_stale()
 
     # ---------------------------------------------------------------- export
     def to_onnx(
