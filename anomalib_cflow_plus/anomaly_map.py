@@ -21,8 +21,8 @@ SCORE_MODES: tuple[str, ...] = ("paper", "zscore")
 class LayerStatistics:
     """Streaming per-layer statistics of normal log-likelihoods: max, mean and std.
 
-    Feed it ``update(log_likelihoods)`` batch by batch; ``sums()`` exposes the running sums so
-    that distributed runs can all-reduce them before :meth:`finalize`.
+    Feed it ``update(log_likelihoods)`` batch by batch, then read the constants with :meth:`finalize`.
+    It keeps running sums (``total``, ``total_sq``, ``count``) and the running ``maximum``, in float64.
     """
 
     def __init__(self, num_layers: int) -> None:
