@@ -36,6 +36,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
@@ -238,36 +239,23 @@ def train_and_test(backbone: str, texture: str, config: BenchmarkConfig) -> tupl
 # ------------------------------------------------------------------------------------------------- latency
 
 
-def time_call_ms(function: Callable[[], Any]) -> float:
-    """Wall time of one call, in milliseconds."""
-    start = time.perf_counter()
-    function()
-    return (time.perf_counter() - start) * 1e3
-
-
 def measure_latency(models: dict[str, CflowPlus], image_size: int, repeats: int, warmup: int) -> list[LatencyResult]:
     """Batch-1 eager latency of each model's full forward and of its encoder alone, interleaved round-robin.
 
-    Every round times each backbone once (full model, then encoder), in an order rotated by one per
-    round so that no backbone always runs first; the median over the rounds is reported.
+    Every round times each backbone's full model and encoder once, in an order rotated by one per
+    round (:func:`timing.round_robin_ms`); the median over the rounds is reported.
     """
     torch.manual_seed(DEFAULT_SEED)
     image = torch.randn(1, 3, image_size, image_size)  # already "normalized": the pre-processor is not timed
     torch_models = {name: model.model.eval() for name, model in models.items()}
-    calls: dict[str, dict[str, Callable[[], Any]]] = {
-        name: {"model": lambda m=net: m(image), "encoder": lambda m=net: m.encode(image)}
-        for name, net in torch_models.items()
-    }
-    samples: dict[str, dict[str, list[float]]] = {name: {"model": [], "encoder": []} for name in calls}
-    names = list(calls)
+    runners: dict[tuple[str, str], Callable[[], Any]] = {}
+    for name, net in torch_models.items():
+        runners[name, "model"] = lambda m=net: m(image)
+        runners[name, "encoder"] = lambda m=net: m.encode(image)
     with torch.no_grad():
-        for round_index in range(warmup + repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                for part, call in calls[name].items():
-                    elapsed = time_call_ms(call)
-                    if round_index >= warmup:
-                        samples[name][part].append(elapsed)
+        timed = round_robin_ms(runners, repeats, warmup)
+    samples = {name: {part: timed[name, part] for part in ("model", "encoder")} for name in torch_models}
+    names = list(torch_models)
     return [
         LatencyResult(
             backbone=name,

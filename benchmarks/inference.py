@@ -1,9 +1,10 @@
 """Inference latency of one CflowPlus model, side by side: eager torch and OpenVINO, whole pipeline.
 
 Every backend runs the same exported pipeline (resize + normalize, encoder, flows, anomaly map and
-post-processing) on the same (B, 3, 256, 256) images. Backends are timed round-robin, one call each per
-round, and the median over rounds is reported, so machine noise hits every backend alike. Speed does not
-depend on the weights, so the model is untrained (its ActNorms initialized on random features).
+post-processing) on the same (B, 3, 256, 256) images. Backends are timed round-robin, one call each
+per round in a rotating order, and the median over rounds is reported, so machine noise hits every
+backend alike. Speed does not depend on the weights, so the model is untrained (its ActNorms
+initialized on random features).
 
 Usage::
 
@@ -27,6 +28,7 @@ import openvino as ov
 import torch
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
+from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
 
@@ -46,20 +48,6 @@ def openvino_runner(path: Path, config: dict[str, str]) -> Callable[[np.ndarray]
     """A compiled OpenVINO model on the CPU as a callable on NCHW float arrays."""
     compiled = ov.Core().compile_model(path, "CPU", config)
     return lambda images: compiled(images)
-
-
-def time_round_robin(runners: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms per call of each runner, interleaved round by round."""
-    for _ in range(warmup):
-        for run in runners.values():
-            run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -85,7 +73,7 @@ def main() -> None:
             images = torch.rand(batch, 3, *IMAGE_SIZE)
             array = images.numpy()
             with torch.no_grad():
-                per_call = time_round_robin(
+                samples = round_robin_ms(
                     {
                         "torch eager": lambda images=images: model(images),
                         "torch encoder alone": lambda images=images: model.model.encode(model.pre_processor(images)),
@@ -94,6 +82,7 @@ def main() -> None:
                     },
                     args.repeats,
                 )
+            per_call = {name: statistics.median(values) for name, values in samples.items()}
             results.append({"batch": batch, "ms_per_image": {name: ms / batch for name, ms in per_call.items()}})
 
     print(f"{args.backbone}, {IMAGE_SIZE[0]} px, {args.threads} threads, OpenVINO export {export_s:.1f} s\n")
