@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from anomalib.data import MVTecAD
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import packaged_state_dict
@@ -76,12 +75,10 @@ def test_trained_model_detects_defects(trained_run):
     assert "pixel_AUPRO" in trained_run.metrics
 
 
-def test_checkpoint_round_trip_reproduces_scores(trained_run, tiny_dataset):
+def test_checkpoint_round_trip_reproduces_scores(trained_run):
     restored = CflowPlus.load_from_checkpoint(trained_run.checkpoint).eval()
     original = trained_run.model.eval()
-    datamodule = MVTecAD(root=tiny_dataset, category="brick", eval_batch_size=8, num_workers=0)
-    datamodule.setup()
-    images = next(iter(datamodule.test_dataloader())).image
+    images = next(iter(trained_run.datamodule.test_dataloader())).image
     with torch.no_grad():
         expected, actual = original(images), restored(images)
     torch.testing.assert_close(actual.pred_score, expected.pred_score, atol=0, rtol=0)
