@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +15,82 @@ def check_condition_dim(condition_dim: int) -> None:
         raise ValueError(msg)
 
 
+def positional_encoding_1d(
+    channels: int,
+    length: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Sinusoidal encoding of the positions ``0 .. length-1`` in ``channels`` (even) channels -> ``(length, channels)``.
+
+    Channel ``2i`` is ``sin(pos * f_i)`` and ``2i + 1`` is ``cos(pos * f_i)``, with the geometric frequencies
+    ``f_i = 10000 ** (-2i / channels)`` of the Transformer.
+    """
+    frequencies = torch.exp(
+        torch.arange(0, channels, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / channels),
+    )
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * frequencies[None, :]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(start_dim=1).to(dtype)
+
+
+class GridCondition(NamedTuple):
+    """The positional condition of fibers on an ``h x w`` grid, kept separable.
+
+    The 2D encoding of position ``(row, col)`` is ``[columns[col], rows[row]]`` (``P/2`` channels
+    each), so a linear map of it splits into a row term and a column term. A decoder therefore
+    projects ``h + w`` half-encodings instead of ``h * w`` full ones.
+
+    Attributes:
+        rows: ``(h, P/2)`` encoding of each row.
+        columns: ``(w, P/2)`` encoding of each column.
+        row_index: ``(N,)`` row of each of N fibers, or ``None`` for every grid position in row-major
+            order (fibers laid out as ``(..., h*w, C)``).
+        column_index: ``(N,)`` column of each fiber, or ``None`` as above.
+
+    """
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    row_index: torch.Tensor | None = None
+    column_index: torch.Tensor | None = None
+
+    @property
+    def grid_size(self) -> int:
+        """Positions ``h * w`` of the grid."""
+        return self.rows.shape[0] * self.columns.shape[0]
+
+    def select(self, fiber_index: torch.Tensor) -> GridCondition:
+        """Return the condition of fibers picked by ``fiber_index (N,)`` from a flat ``(B*h*w, C)`` fiber batch."""
+        position = fiber_index % self.grid_size
+        width = self.columns.shape[0]
+        return self._replace(row_index=position // width, column_index=position % width)
+
+    def dense(self) -> torch.Tensor:
+        """Return the full encodings: ``(h*w, P)`` for the whole grid, or ``(N, P)`` for indexed fibers."""
+        if self.row_index is None or self.column_index is None:
+            height, width = self.rows.shape[0], self.columns.shape[0]
+            columns = self.columns[None, :, :].expand(height, -1, -1)
+            rows = self.rows[:, None, :].expand(-1, width, -1)
+            return torch.cat([columns, rows], dim=-1).flatten(end_dim=1)
+        return torch.cat([self.columns[self.column_index], self.rows[self.row_index]], dim=-1)
+
+
+def grid_condition(
+    condition_dim: int,
+    height: int,
+    width: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> GridCondition:
+    """Build the separable positional condition of every position of an ``height x width`` grid."""
+    check_condition_dim(condition_dim)
+    half = condition_dim // 2
+    return GridCondition(
+        rows=positional_encoding_1d(half, height, device, dtype),
+        columns=positional_encoding_1d(half, width, device, dtype),
+    )
+
+
 def positional_encoding_2d(
     condition_dim: int,
     height: int,
@@ -23,31 +100,12 @@ def positional_encoding_2d(
 ) -> torch.Tensor:
     """Encode each position of an ``height x width`` grid as a ``condition_dim``-vector.
 
-    The first half of the channels encodes the column, the second half the row. Within a
-    half, channel ``2i`` is ``sin(pos * f_i)`` and ``2i + 1`` is ``cos(pos * f_i)`` with the
-    geometric frequencies ``f_i = 10000 ** (-2i / (condition_dim / 2))`` of the Transformer.
-
-    Args:
-        condition_dim: ``P``, a positive multiple of 4.
-        height: Rows ``h`` of the feature map.
-        width: Columns ``w`` of the feature map.
-        device: Device of the result.
-        dtype: Floating dtype of the result.
+    The first half of the channels encodes the column, the second half the row, each with
+    :func:`positional_encoding_1d`.
 
     Returns:
         Tensor of shape ``(P, h, w)``.
 
     """
-    check_condition_dim(condition_dim)
-    half = condition_dim // 2
-    frequencies = torch.exp(
-        torch.arange(0, half, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / half),
-    )
-    columns = torch.arange(width, device=device, dtype=torch.float32)[None, :] * frequencies[:, None]  # (P/4, w)
-    rows = torch.arange(height, device=device, dtype=torch.float32)[None, :] * frequencies[:, None]  # (P/4, h)
-    encoding = torch.empty(condition_dim, height, width, device=device, dtype=torch.float32)
-    encoding[0:half:2] = columns.sin()[:, None, :].expand(-1, height, -1)
-    encoding[1:half:2] = columns.cos()[:, None, :].expand(-1, height, -1)
-    encoding[half::2] = rows.sin()[:, :, None].expand(-1, -1, width)
-    encoding[half + 1 :: 2] = rows.cos()[:, :, None].expand(-1, -1, width)
-    return encoding.to(dtype)
+    condition = grid_condition(condition_dim, height, width, device, dtype)
+    return condition.dense().T.reshape(condition_dim, height, width)

@@ -17,19 +17,50 @@ from FrEIA.modules import InvertibleModule
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from .condition import GridCondition
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def subnet_fc(in_features: int, out_features: int) -> nn.Sequential:
-    """Coupling subnet of the paper: Linear(in -> 2*in) -> ReLU -> Linear(2*in -> out).
+class ConditionalSubnet(nn.Module):
+    """Coupling subnet of the paper, ``Linear(fiber ++ condition -> 2*in) -> ReLU -> Linear(-> out)``.
 
-    The last layer starts at zero, so every coupling block starts as the identity map.
+    The first Linear is kept as two parts, ``fiber_in`` and ``condition_in`` (the same function as
+    one Linear over the concatenation), so that a :class:`~.condition.GridCondition` is projected
+    once per row and once per column instead of once per fiber. The last Linear starts at zero,
+    so every coupling block starts as the identity map.
+
+    Args:
+        fiber_features: Channels of the passive half of the fibers.
+        condition_features: ``P``.
+        out_features: Channels produced (log-scale and shift of the active half).
+
     """
-    hidden = 2 * in_features
-    subnet = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
-    nn.init.zeros_(subnet[-1].weight)
-    nn.init.zeros_(subnet[-1].bias)
-    return subnet
+
+    def __init__(self, fiber_features: int, condition_features: int, out_features: int) -> None:
+        super().__init__()
+        hidden = 2 * (fiber_features + condition_features)
+        self.fiber_in = nn.Linear(fiber_features, hidden)
+        self.condition_in = nn.Linear(condition_features, hidden, bias=False)
+        self.out = nn.Linear(hidden, out_features)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def condition_projection(self, condition: torch.Tensor | GridCondition) -> torch.Tensor:
+        """``condition_in`` of a dense condition ``(..., P)``, or of a grid: ``(h*w, hidden)`` or ``(N, hidden)``."""
+        if not isinstance(condition, GridCondition):
+            return self.condition_in(condition)
+        half = condition.columns.shape[-1]
+        weight = self.condition_in.weight
+        columns = condition.columns @ weight[:, :half].T  # (w, hidden)
+        rows = condition.rows @ weight[:, half:].T  # (h, hidden)
+        if condition.row_index is None or condition.column_index is None:
+            return (rows[:, None, :] + columns[None, :, :]).flatten(end_dim=1)
+        return rows[condition.row_index] + columns[condition.column_index]
+
+    def forward(self, fibers: torch.Tensor, condition: torch.Tensor | GridCondition) -> torch.Tensor:
+        """Fibers ``(..., C_in)`` with their condition (broadcastable) -> ``(..., out_features)``."""
+        return self.out(F.relu(self.fiber_in(fibers) + self.condition_projection(condition)))
 
 
 class ConditionalAffineCoupling(InvertibleModule):
@@ -41,11 +72,14 @@ class ConditionalAffineCoupling(InvertibleModule):
     The output channels are then reordered by a fixed random permutation stored as an index
     buffer of ``C`` integers; a dense ``C x C`` permutation matrix is never built.
 
+    Fibers may carry leading dimensions: ``(N, C)`` with a dense condition ``(N, P)`` or an indexed
+    :class:`~.condition.GridCondition`, or ``(B, h*w, C)`` with a whole-grid ``GridCondition``.
+
     Args:
         dims_in: ``[(C,)]``, the fiber shape.
         dims_c: ``[(P,)]``, the condition shape.
         clamp_alpha: Soft-clamp bound of the log-scale.
-        subnet_constructor: Builds the subnet ``(in_features, out_features) -> nn.Module``.
+        subnet_constructor: Builds the subnet ``(fiber_features, condition_features, out_features) -> nn.Module``.
         permutation_seed: Seed of this block's channel permutation.
 
     """
@@ -55,7 +89,7 @@ class ConditionalAffineCoupling(InvertibleModule):
         dims_in: Sequence[tuple[int, ...]],
         dims_c: Sequence[tuple[int, ...]],
         clamp_alpha: float = 1.9,
-        subnet_constructor: Callable[[int, int], nn.Module] = subnet_fc,
+        subnet_constructor: Callable[[int, int, int], nn.Module] = ConditionalSubnet,
         permutation_seed: int = 0,
     ) -> None:
         super().__init__(dims_in, dims_c)
@@ -67,7 +101,7 @@ class ConditionalAffineCoupling(InvertibleModule):
         self.passive_channels = channels // 2
         active_channels = channels - self.passive_channels
         self.clamp_alpha = clamp_alpha
-        self.subnet = subnet_constructor(self.passive_channels + condition_dim, 2 * active_channels)
+        self.subnet = subnet_constructor(self.passive_channels, condition_dim, 2 * active_channels)
         generator = torch.Generator().manual_seed(permutation_seed)
         permutation = torch.randperm(channels, generator=generator)
         self.register_buffer("permutation", permutation)
@@ -76,23 +110,23 @@ class ConditionalAffineCoupling(InvertibleModule):
     def forward(
         self,
         x: Sequence[torch.Tensor],
-        c: Sequence[torch.Tensor] = (),
+        c: Sequence[torch.Tensor | GridCondition] = (),
         rev: bool = False,
         jac: bool = True,
     ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-        """Map fibers ``x[0]`` (N, C) given the condition ``c[0]`` (N, P); return ``((y,), log_det (N,))``."""
+        """Map fibers ``x[0]`` (..., C) given the condition ``c[0]``; return ``((y,), log_det (...))``."""
         del jac  # the log-det is a by-product of the scale and always returned
         fibers = x[0]
         if rev:
-            fibers = fibers[:, self.inverse_permutation]
-        passive, active = fibers[:, : self.passive_channels], fibers[:, self.passive_channels :]
-        raw_scale, shift = self.subnet(torch.cat([passive, c[0]], dim=1)).chunk(2, dim=1)
+            fibers = fibers[..., self.inverse_permutation]
+        passive, active = fibers[..., : self.passive_channels], fibers[..., self.passive_channels :]
+        raw_scale, shift = self.subnet(passive, c[0]).chunk(2, dim=-1)
         log_scale = self.clamp_alpha * torch.tanh(raw_scale / self.clamp_alpha)
         if rev:
             active = (active - shift) * torch.exp(-log_scale)
-            return (torch.cat([passive, active], dim=1),), -log_scale.sum(dim=1)
+            return (torch.cat([passive, active], dim=-1),), -log_scale.sum(dim=-1)
         active = active * torch.exp(log_scale) + shift
-        return (torch.cat([passive, active], dim=1)[:, self.permutation],), log_scale.sum(dim=1)
+        return (torch.cat([passive, active], dim=-1)[..., self.permutation],), log_scale.sum(dim=-1)
 
     def output_dims(self, input_dims: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Fibers keep their shape."""
@@ -118,7 +152,8 @@ class FiberActNorm(InvertibleModule):
 
     @torch.no_grad()
     def initialize(self, fibers: torch.Tensor, eps: float = 1e-3) -> None:
-        """Set scale and bias so that ``fibers`` (N, C) become zero-mean and unit-variance per channel."""
+        """Set scale and bias so that ``fibers`` (..., C) become zero-mean and unit-variance per channel."""
+        fibers = fibers.reshape(-1, fibers.shape[-1])
         std = fibers.std(dim=0).clamp_min(eps)
         self.scale.copy_(-torch.log(std))
         self.bias.copy_(-fibers.mean(dim=0) / std)
@@ -130,10 +165,10 @@ class FiberActNorm(InvertibleModule):
         rev: bool = False,
         jac: bool = True,
     ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-        """Normalize fibers ``x[0]`` (N, C); return ``((y,), log_det (N,))``."""
+        """Normalize fibers ``x[0]`` (..., C); return ``((y,), log_det (...))``."""
         del jac
         fibers = x[0]
-        log_det = self.scale.sum().expand(fibers.shape[0])
+        log_det = self.scale.sum().expand(fibers.shape[:-1])
         if rev:
             return ((fibers - self.bias) * torch.exp(-self.scale),), -log_det
         return (fibers * torch.exp(self.scale) + self.bias,), log_det
@@ -160,7 +195,8 @@ def build_decoder(
         seed: Seed from which the blocks' permutations are drawn.
 
     Returns:
-        A FrEIA ``SequenceINN``: ``decoder(x (N, C), c=[cond (N, P)]) -> (z (N, C), log_det (N,))``.
+        A FrEIA ``SequenceINN``: ``decoder(x (..., C), c=[condition]) -> (z (..., C), log_det (...))``,
+        with a dense condition ``(..., P)`` or a :class:`~.condition.GridCondition`.
 
     """
     decoder = SequenceINN(channels)
@@ -180,15 +216,15 @@ def log_likelihood(z: torch.Tensor, log_jac_det: torch.Tensor) -> torch.Tensor:
     """Per-dimension log-likelihood of fibers under a standard-normal latent.
 
     Args:
-        z: Latents, shape ``(N, C)``.
-        log_jac_det: ``log|det dz/dx|``, shape ``(N,)``.
+        z: Latents, shape ``(..., C)``.
+        log_jac_det: ``log|det dz/dx|``, shape ``(...)``.
 
     Returns:
-        ``(log N(z; 0, I) + log|det J|) / C``, shape ``(N,)``.
+        ``(log N(z; 0, I) + log|det J|) / C``, shape ``(...)``.
 
     """
-    channels = z.shape[1]
-    return (-0.5 * z.pow(2).sum(dim=1) + log_jac_det) / channels - _HALF_LOG_TWO_PI
+    channels = z.shape[-1]
+    return (-0.5 * z.pow(2).sum(dim=-1) + log_jac_det) / channels - _HALF_LOG_TWO_PI
 
 
 def flow_loss(log_likelihoods: torch.Tensor) -> torch.Tensor:

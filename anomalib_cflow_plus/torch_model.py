@@ -14,7 +14,7 @@ from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, ScoreMode
-from .condition import check_condition_dim, positional_encoding_2d
+from .condition import GridCondition, check_condition_dim, grid_condition
 from .flow import FiberActNorm, build_decoder, log_likelihood
 
 # Families whose shallow stride-4 features are too thin to help; they use strides 8/16/32.
@@ -118,24 +118,27 @@ class CflowPlusModel(nn.Module):
         """Frozen features: images ``(B, 3, H, W)`` -> L tensors ``(B, C_l, h_l, w_l)``."""
         return list(self.encoder(images).values())
 
-    def condition(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
-        """Positional condition of an ``height x width`` map as fibers ``(h*w, P)``.
+    def condition(self, height: int, width: int, reference: torch.Tensor) -> GridCondition:
+        """Separable positional condition of every position of an ``height x width`` map.
 
-        Recomputed on each call (about 0.1 ms) rather than cached: a cache would hold tensors
-        from the exporter's tracing, and the exporter folds this into a constant anyway.
+        Recomputed on each call (``h + w`` encodings, microseconds) rather than cached: a cache
+        would hold tensors from the exporter's tracing, and the exporter folds this into a constant.
         """
-        encoding = positional_encoding_2d(self.condition_vector, height, width, reference.device, reference.dtype)
-        return encoding.flatten(start_dim=1).T
+        return grid_condition(self.condition_vector, height, width, reference.device, reference.dtype)
 
-    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flatten features ``(B, C, h, w)`` into fibers ``(B*h*w, C)`` and their conditions ``(B*h*w, P)``."""
-        batch, channels, height, width = features.shape
-        fibers = features.permute(0, 2, 3, 1).reshape(-1, channels)
-        condition = self.condition(height, width, features).repeat(batch, 1)
-        return fibers, condition
+    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, GridCondition]:
+        """Features ``(B, C, h, w)`` -> fibers ``(B, h*w, C)`` in row-major position order, and their condition."""
+        height, width = features.shape[-2:]
+        fibers = features.flatten(start_dim=2).transpose(1, 2)
+        return fibers, self.condition(height, width, features)
 
-    def fiber_log_likelihood(self, layer: int, fibers: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """Per-dimension log-likelihood of fibers ``(N, C_l)`` under decoder ``layer`` -> ``(N,)``."""
+    def fiber_log_likelihood(
+        self,
+        layer: int,
+        fibers: torch.Tensor,
+        condition: torch.Tensor | GridCondition,
+    ) -> torch.Tensor:
+        """Per-dimension log-likelihood of fibers ``(..., C_l)`` under decoder ``layer`` -> ``(...)``."""
         z, log_jac_det = self.decoders[layer](fibers, c=[condition])
         return log_likelihood(z, log_jac_det)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.autograd.functional import jacobian
 
+from anomalib_cflow_plus.condition import grid_condition
 from anomalib_cflow_plus.flow import (
     ConditionalAffineCoupling,
     FiberActNorm,
@@ -53,7 +54,7 @@ def test_permutation_is_an_index_buffer_not_a_matrix():
 def test_soft_clamp_bounds_the_log_scale():
     block = ConditionalAffineCoupling([(4,)], [(2,)], clamp_alpha=1.9)
     with torch.no_grad():
-        block.subnet[-1].bias.fill_(1e4)
+        block.subnet.out.bias.fill_(1e4)
     _, log_det = block([torch.randn(3, 4)], c=[torch.randn(3, 2)])
     assert torch.all(log_det <= 2 * 1.9 + 1e-5)
 
@@ -125,3 +126,20 @@ def test_decoder_pickles_and_round_trips():
     restored = pickle.loads(pickle.dumps(decoder))
     x, c = torch.randn(3, 6), torch.randn(3, 4)
     torch.testing.assert_close(restored(x, c=[c])[0], decoder(x, c=[c])[0])
+
+
+def test_grid_condition_gives_the_same_likelihood_as_the_dense_condition():
+    decoder = build_decoder(channels=10, condition_dim=8, coupling_blocks=3).double()
+    _randomize(decoder, seed=2)
+    condition = grid_condition(8, height=3, width=5, dtype=torch.float64)
+    fibers = torch.randn(2, 15, 10, dtype=torch.float64)
+    z_grid, log_det_grid = decoder(fibers, c=[condition])
+    dense = condition.dense()  # (15, 8)
+    z_dense, log_det_dense = decoder(fibers.reshape(30, 10), c=[dense.repeat(2, 1)])
+    torch.testing.assert_close(z_grid.reshape(30, 10), z_dense)
+    torch.testing.assert_close(log_det_grid.reshape(30), log_det_dense)
+    # fibers picked from the flat batch by index, with an indexed grid condition
+    index = torch.tensor([29, 3, 17])
+    z_picked, log_det_picked = decoder(fibers.reshape(30, 10)[index], c=[condition.select(index)])
+    torch.testing.assert_close(z_picked, z_dense[index])
+    torch.testing.assert_close(log_det_picked, log_det_dense[index])

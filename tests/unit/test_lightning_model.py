@@ -6,7 +6,7 @@ import torch
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import packaged_state_dict
-from anomalib_cflow_plus.lightning_model import warmup_cosine_schedule
+from anomalib_cflow_plus.lightning_model import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
 
 
 def test_paper_defaults_are_constructor_arguments():
@@ -15,8 +15,10 @@ def test_paper_defaults_are_constructor_arguments():
     assert defaults["condition_vector"] == 128
     assert defaults["coupling_blocks"] == 8
     assert defaults["clamp_alpha"] == 1.9
-    assert defaults["fiber_batch_size"] == 256
-    assert defaults["lr"] == 2e-4
+    assert TRAINING_RECIPES["paper"] == (256, 2e-4)
+    paper = CflowPlus(training_recipe="paper")
+    assert (paper.fiber_batch_size, paper.lr) == (256, 2e-4)
+    assert CflowPlus(training_recipe="paper", lr=1e-3).lr == 1e-3  # explicit values win over the recipe's
     model = CflowPlus(coupling_blocks=3, condition_vector=64)
     assert len(model.model.decoders[0]) == 1 + 3  # ActNorm + couplings
     assert model.hparams.coupling_blocks == 3
@@ -30,6 +32,9 @@ def test_paper_defaults_are_constructor_arguments():
         ({"warmup_fraction": 1.5}, "warmup_fraction"),
         ({"condition_vector": 130}, "multiple of 4"),
         ({"layers": ["blocks.9"]}, "Valid layers"),
+        ({"training_recipe": "adamw"}, "training_recipe"),
+        ({"fiber_batch_size": 10**6}, "at most 32768"),  # 32 images x 32x32 fibers at 256 px
+        ({"max_skipped_steps": 0}, "max_skipped_steps"),
     ],
 )
 def test_invalid_hyper_parameters_fail_at_construction(kwargs, match):
@@ -91,4 +96,32 @@ def test_optimizer_trains_the_decoders_only():
     optimizer = model.configure_optimizers()["optimizer"]
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.model.decoders.parameters()}
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-4)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(TRAINING_RECIPES["fast"].lr)
+
+
+@pytest.mark.parametrize("joint_layers", [False, True])
+def test_fiber_plan_covers_every_fiber_once_per_layer(joint_layers):
+    counts = [1000, 250, 60]
+    generator = torch.Generator().manual_seed(0)
+    plan = fiber_plan(counts, fiber_batch_size=128, joint_layers=joint_layers, generator=generator)
+    for layer, count in enumerate(counts):
+        chunks = [index for step in plan for step_layer, index in step if step_layer == layer]
+        assert max(len(chunk) for chunk in chunks) <= 128
+        covered = torch.cat(chunks).unique()
+        assert covered.tolist() == list(range(count))  # no fiber left out
+    if joint_layers:
+        assert len(plan) == 8  # ceil(1000 / 128) steps, each training all three decoders
+        assert all(len(step) == 3 for step in plan)
+    else:
+        assert len(plan) == 8 + 2 + 1
+        assert all(len(step) == 1 for step in plan)
+
+
+def test_fiber_plan_is_reproducible_from_its_generator():
+    def plan():
+        return fiber_plan([300, 80], 64, joint_layers=True, generator=torch.Generator().manual_seed(7))
+
+    first, second = plan(), plan()
+    for step_a, step_b in zip(first, second, strict=True):
+        for (_, a), (_, b) in zip(step_a, step_b, strict=True):
+            assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from anomalib_cflow_plus.condition import positional_encoding_2d
 from anomalib_cflow_plus.torch_model import CflowPlusModel, feature_levels, resolve_layers
 
 
@@ -27,11 +28,15 @@ def test_default_layers_and_shapes(model):
 def test_fibers_follow_positions(model):
     features = torch.randn(2, 40, 3, 4)
     fibers, condition = model.fibers(features)
-    assert fibers.shape == (24, 40) and condition.shape == (24, 128)
-    # fiber of image 1, row 2, column 3 sits at index 1*12 + 2*4 + 3, with that position's condition
-    torch.testing.assert_close(fibers[1 * 12 + 2 * 4 + 3], features[1, :, 2, 3])
-    torch.testing.assert_close(condition[1 * 12 + 2 * 4 + 3], condition[2 * 4 + 3])
-    assert not torch.allclose(condition[0], condition[1])
+    assert fibers.shape == (2, 12, 40)
+    dense = condition.dense()
+    assert dense.shape == (12, 128)
+    # the fiber of image 1 at row 2, column 3 sits at position 2*4 + 3, with that position's encoding
+    torch.testing.assert_close(fibers[1, 2 * 4 + 3], features[1, :, 2, 3])
+    torch.testing.assert_close(dense.T.reshape(128, 3, 4), positional_encoding_2d(128, 3, 4))
+    # flat fibers picked by index keep their position's condition
+    flat_index = torch.tensor([1 * 12 + 2 * 4 + 3, 5])
+    torch.testing.assert_close(condition.select(flat_index).dense(), dense[[2 * 4 + 3, 5]])
 
 
 def test_batch_independence(model):
