@@ -28,7 +28,7 @@ PAPER_IMAGE_SIZE = {
     "hazelnut": 256, "leather": 512, "metal_nut": 256, "pill": 256, "screw": 512,
     "tile": 512, "toothbrush": 512, "transistor": 128, "wood": 512, "zipper": 512,
 }  # fmt: skip
-PAPER_FLOW = {"condition_vector": 128, "coupling_blocks": 8, "clamp_alpha": 1.9, "fiber_batch_size": 256, "lr": 2e-4}
+PAPER_FLOW = {"condition_vector": 128, "coupling_blocks": 8, "clamp_alpha": 1.9, "training_recipe": "paper"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -128,7 +128,8 @@ def test_config_parses_and_builds_its_model(path: Path, tmp_path: Path):
     if want.paper_flow:
         flow = cli.config["train"]["model"]["init_args"]
         assert {name: flow[name] for name in PAPER_FLOW} == PAPER_FLOW
-        assert (model.model.condition_vector, model.fiber_batch_size, model.lr) == (128, 256, 2e-4)
+        assert (model.training_recipe, model.fiber_batch_size, model.lr) == ("paper", 256, 2e-4)
+        assert model.model.condition_vector == 128
         assert model.pre_trained
 
     data_class = {"MVTecAD": MVTecAD, "Visa": Visa, "Folder": Folder}[want.data]
