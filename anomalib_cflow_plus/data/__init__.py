@@ -1,5 +1,13 @@
-"""Demo data for anomalib_cflow_plus: texture photos with synthetic defects in MVTec AD layout."""
+"""Data for anomalib_cflow_plus: the demo dataset generator, and checks of a datamodule's files before training."""
 
+from anomalib_cflow_plus.data.checks import DataCheckCallback, EmptyTrainingSetError, UnreadableImagesError
 from anomalib_cflow_plus.data.demo import DEFECT_TYPES, DEMO_TEXTURES, generate_demo_dataset
 
-__all__ = ["DEFECT_TYPES", "DEMO_TEXTURES", "generate_demo_dataset"]
+__all__ = [
+    "DEFECT_TYPES",
+    "DEMO_TEXTURES",
+    "DataCheckCallback",
+    "EmptyTrainingSetError",
+    "UnreadableImagesError",
+    "generate_demo_dataset",
+]
