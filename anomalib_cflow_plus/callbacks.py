@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,3 +50,48 @@ class CalibrationCallback(Callback):
         if self.stale:
             pl_module.calibrate(training_images(trainer, pl_module))
             self.stale = False
+
+
+class EpochSeedCallback(Callback):
+    """Reseed the global random state per epoch of a seeded run: a resumed run then matches an uninterrupted one.
+
+    The training dataloader shuffles with the global random state when its iterator is created.
+    Lightning creates it after ``on_train_epoch_start``, except for the first epoch of a fit,
+    whose iterator comes before that hook; so the seed of epoch ``e`` (``seed + e``) is set at
+    the start of each epoch and also at the start of a fit, at the epoch that fit begins with,
+    which a resumed fit reads from this callback's checkpointed state. The fiber sub-batches
+    use their own generator (:meth:`CflowPlus._fiber_generator`). Checkpoints taken mid-epoch
+    resume that epoch with a reshuffled order. Inactive unless ``seed_everything`` set a seed.
+    """
+
+    def __init__(self) -> None:
+        self.next_epoch = 0
+
+    @staticmethod
+    def _reseed(epoch: int) -> None:
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            torch.manual_seed(int(seed) + epoch)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Seed the first epoch of this fit: 0, or the epoch a resumed fit continues with."""
+        del trainer, pl_module
+        self._reseed(self.next_epoch)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Seed the epoch."""
+        del pl_module
+        self._reseed(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remember where a fit resumed from a checkpoint taken from now on continues."""
+        del pl_module
+        self.next_epoch = trainer.current_epoch + 1
+
+    def state_dict(self) -> dict[str, int]:
+        """Checkpointed state: the epoch a resumed fit begins with."""
+        return {"next_epoch": self.next_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Restore the epoch a resumed fit begins with."""
+        self.next_epoch = int(state_dict["next_epoch"])

@@ -33,7 +33,8 @@ from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import LayerStatistics, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
-from .callbacks import CalibrationCallback
+from .callbacks import CalibrationCallback, EpochSeedCallback
+from .data.checks import DataCheckCallback
 from .flow import flow_loss
 from .torch_model import CflowPlusModel
 
@@ -83,6 +84,8 @@ class CflowPlus(AnomalibModule):
             a cosine decay to ``lr * 1e-3`` follows.
         max_skipped_steps: Consecutive optimizer steps with a non-finite loss or gradient that are
             skipped before training stops with an error.
+        check_data: Decode every image and mask when fit/test/predict starts and stop with one
+            error listing the unusable ones; the empty-training-set check always runs.
         sigma: Gaussian smoothing of the anomaly map, in pixels (0 disables it).
         top_k_percent: Share of map pixels averaged into the image score, in percent (0: max).
         score_mode: ``"paper"`` (likelihood ratio to the training maximum) or ``"zscore"``.
@@ -107,6 +110,7 @@ class CflowPlus(AnomalibModule):
         lr: float | None = None,
         warmup_fraction: float = 0.08,
         max_skipped_steps: int = 20,
+        check_data: bool = True,
         sigma: float = 4.0,
         top_k_percent: float = 1.0,
         score_mode: ScoreMode = "paper",
@@ -158,6 +162,7 @@ class CflowPlus(AnomalibModule):
         self.lr = lr
         self.warmup_fraction = warmup_fraction
         self.max_skipped_steps = max_skipped_steps
+        self.check_data = check_data
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.automatic_optimization = False
@@ -173,10 +178,10 @@ class CflowPlus(AnomalibModule):
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Return anomalib's component callbacks and the calibration that keeps scores in step with the decoders."""
+        """Return anomalib's component callbacks, calibration, per-epoch seeding and the data check."""
         callbacks = super().configure_callbacks()
         callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [*callbacks, CalibrationCallback()]
+        return [*callbacks, CalibrationCallback(), EpochSeedCallback(), DataCheckCallback(decode=self.check_data)]
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -200,9 +205,8 @@ class CflowPlus(AnomalibModule):
         image_size = _resize_size(self.pre_processor)
         if image_size is None:
             return
-        with torch.no_grad():
-            features = self.model.encode(torch.zeros(1, 3, *image_size))
-        per_image = max(layer_features.shape[-2] * layer_features.shape[-1] for layer_features in features)
+        stride = min(self.model.feature_encoder.feature_info.reduction())
+        per_image = math.ceil(image_size[0] / stride) * math.ceil(image_size[1] / stride)
         available = per_image * _DEFAULT_TRAIN_BATCH_SIZE
         if fiber_batch_size > available:
             msg = (

@@ -69,7 +69,6 @@ def train_and_test(variant: dict[str, Any], backbone: str, texture: str, data_ro
         default_root_dir=OUT_DIR / "runs" / "recipes",
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
     )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -113,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     variants = {name: VARIANTS[name] for name in args.variants} | parse_extra(args.extra)
     data_root = OUT_DIR / "data"
-    generate_demo_dataset(data_root, textures=args.textures, image_size=256, n_train=64, n_test_good=16, n_test_defect=8)
+    generate_demo_dataset(
+        data_root, textures=args.textures, image_size=256, n_train=64, n_test_good=16, n_test_defect=8
+    )
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for texture in args.textures:
         for name, variant in variants.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -11,9 +12,13 @@ ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
 _METRIC_ROW = re.compile(r"(\w+)\s*[│|]\s*([-+0-9.eE]+)\s*[│|]")
 
 
-def run(*args: str, timeout: int = 900, stdout_only: bool = False) -> str:
-    """Run a command, fail the test with its output if it fails, and return stdout (+ stderr)."""
-    process = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+def run(*args: str, timeout: int = 900, stdout_only: bool = False, env: dict[str, str] | None = None) -> str:
+    """Run a command, fail the test with its output if it fails, and return stdout (+ stderr).
+
+    ``env`` adds variables to this process's environment.
+    """
+    environment = {**os.environ, **env} if env else None
+    process = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False, env=environment)
     output = process.stdout + process.stderr
     assert process.returncode == 0, f"{' '.join(args)} exited with {process.returncode}:\n{output[-6000:]}"
     return process.stdout if stdout_only else output

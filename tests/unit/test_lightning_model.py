@@ -125,3 +125,56 @@ def test_fiber_plan_is_reproducible_from_its_generator():
     for step_a, step_b in zip(first, second, strict=True):
         for (_, a), (_, b) in zip(step_a, step_b, strict=True):
             assert torch.equal(a, b)
+
+
+def _fit_with_nan_batches(dataset, root, nan_batches: set[int] | None, max_skipped_steps: int = 20):
+    """Fit a small model for one epoch; the encoder returns NaN features for the listed batches (None: all)."""
+    from anomalib.engine import Engine
+
+    from ..conftest import tiny_datamodule
+
+    model = CflowPlus(
+        backbone="efficientnet_lite0",
+        pre_processor=CflowPlus.configure_pre_processor((64, 64)),
+        max_skipped_steps=max_skipped_steps,
+        fiber_batch_size=64,  # several steps per batch of 8 images at 64 px (8 x 8 x 8 fibers in the first layer)
+    )
+    encode = model.model.encode
+    calls = {"batch": -1}
+
+    def poisoned_encode(images):
+        features = encode(images)
+        if model.model.training:  # training batches only, not calibration or validation
+            calls["batch"] += 1
+            if nan_batches is None or calls["batch"] in nan_batches:
+                features[0][:, :, 0, 0] = float("nan")
+        return features
+
+    model.model.encode = poisoned_encode
+    engine = Engine(max_epochs=1, default_root_dir=root, accelerator="cpu", devices=1, logger=False)
+    engine.fit(model, datamodule=tiny_datamodule(dataset))
+    return model, engine
+
+
+def test_non_finite_steps_are_skipped_and_counted(tiny_dataset, tmp_path):
+    model, engine = _fit_with_nan_batches(tiny_dataset, tmp_path, nan_batches={1})
+    assert model.skipped_steps >= 1  # batch 1's steps all met a NaN loss
+    assert engine.trainer.callback_metrics["skipped_steps"] == model.skipped_steps
+    state = model.model.state_dict()
+    assert all(bool(torch.isfinite(tensor).all()) for tensor in state.values() if tensor.is_floating_point())
+    assert bool(model.model.normalization_initialized)  # the clean batch 0 initialized the ActNorms
+    checkpoint = torch.load(engine.trainer.checkpoint_callback.best_model_path, weights_only=False)
+    assert all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_persistent_non_finite_steps_stop_training(tiny_dataset, tmp_path):
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
+        _fit_with_nan_batches(tiny_dataset, tmp_path, nan_batches=None, max_skipped_steps=3)
+
+
+def test_checkpoint_with_nan_is_refused():
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)
+    with torch.no_grad():
+        model.model.decoders[0][1].subnet.out.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"decoders\.0\.module_list\.1\.subnet\.out\.weight"):
+        model.on_save_checkpoint({})
