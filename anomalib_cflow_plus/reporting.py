@@ -25,6 +25,7 @@ import torch
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def plot_training_loss(history: Sequence[BatchLoss], path: Path) -> Path:
     middles = [(e["first_batch"] + e["last_batch"]) / 2 for e in epochs]
     axes.plot(middles, [e["loss"] for e in epochs], "o-", color="tab:orange", label="epoch mean (at mid-epoch)")
     axes.set(xlabel="training batch", ylabel="loss", title="Training loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=100)

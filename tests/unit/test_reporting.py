@@ -270,15 +270,18 @@ def test_gather_without_distributed_returns_the_records():
 # ----------------------------------------------------------------------------------- a real run
 @pytest.mark.slow
 def test_report_of_a_real_run_matches_anomalib_metrics(trained_run, monkeypatch):
-    """Registered as CflowPlus will register it: after anomalib's own callbacks."""
+    """Registered as CflowPlus registers it (or will): in configure_callbacks, after anomalib's own callbacks."""
     model, engine = trained_run.model, trained_run.engine
-    report = TrainingReportCallback()
     configure_callbacks = model.configure_callbacks
-    monkeypatch.setattr(model, "configure_callbacks", lambda: [*configure_callbacks(), report])
+    registered = any(isinstance(callback, TrainingReportCallback) for callback in configure_callbacks())
+    if not registered:
+        monkeypatch.setattr(model, "configure_callbacks", lambda: [*configure_callbacks(), TrainingReportCallback()])
     try:
         metrics = engine.test(model, datamodule=trained_run.datamodule, verbose=False)[0]
     finally:
-        engine.trainer.callbacks.remove(report)
+        if not registered:  # leave the shared engine as it was
+            callbacks = engine.trainer.callbacks
+            callbacks[:] = [callback for callback in callbacks if not isinstance(callback, TrainingReportCallback)]
 
     results = Path(engine.trainer.default_root_dir)
     assert (results / "images").is_dir()  # anomalib's visualizer images, next to the report
