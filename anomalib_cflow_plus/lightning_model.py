@@ -36,6 +36,7 @@ from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
 from .data.checks import DataCheckCallback
 from .flow import flow_loss
+from .reporting import TrainingReportCallback
 from .torch_model import CflowPlusModel
 
 logger = logging.getLogger(__name__)
@@ -178,10 +179,16 @@ class CflowPlus(AnomalibModule):
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Return anomalib's component callbacks, calibration, per-epoch seeding and the data check."""
+        """Return anomalib's component callbacks, calibration, per-epoch seeding, the data check and the report."""
         callbacks = super().configure_callbacks()
         callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [*callbacks, CalibrationCallback(), EpochSeedCallback(), DataCheckCallback(decode=self.check_data)]
+        return [
+            *callbacks,
+            CalibrationCallback(),
+            EpochSeedCallback(),
+            DataCheckCallback(decode=self.check_data),
+            TrainingReportCallback(),
+        ]
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -320,16 +327,18 @@ class CflowPlus(AnomalibModule):
     def _gradients_are_finite(self, loss: torch.Tensor) -> bool:
         """Average the decoders' gradients over processes and tell whether they and the loss are finite everywhere."""
         parameters = [parameter for parameter in self.model.decoders.parameters() if parameter.grad is not None]
-        flat = torch.cat([loss.detach().reshape(1).float(), *(p.grad.reshape(-1).float() for p in parameters)])
         world_size = _world_size()
-        if world_size > 1:
-            torch.distributed.all_reduce(flat)  # a NaN or Inf on any process reaches every process
-            flat /= world_size
-            offset = 1
-            for parameter in parameters:
-                size = parameter.grad.numel()
-                parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
-                offset += size
+        if world_size == 1:  # one fused pass over the gradients; a NaN or Inf anywhere makes the norm non-finite
+            norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters], error_if_nonfinite=False)
+            return bool(torch.isfinite(loss.detach() + norm))
+        flat = torch.cat([loss.detach().reshape(1).float(), *(p.grad.reshape(-1).float() for p in parameters)])
+        torch.distributed.all_reduce(flat)  # a NaN or Inf on any process reaches every process
+        flat /= world_size
+        offset = 1
+        for parameter in parameters:
+            size = parameter.grad.numel()
+            parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
+            offset += size
         return bool(torch.isfinite(flat).all())
 
     def _skip_step(self) -> None:
