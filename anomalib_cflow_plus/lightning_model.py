@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import Resize
 from .anomaly_map import LayerStatistics, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
+from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .flow import flow_loss
 from .reporting import TrainingReportCallback
@@ -260,20 +261,20 @@ class CflowPlus(AnomalibModule):
         if not self.model.normalization_initialized:
             self._initialize_normalization(features)
         fibers, conditions = zip(*(self.model.fibers(layer_features) for layer_features in features), strict=True)
-        fibers = [layer_fibers.flatten(end_dim=1) for layer_fibers in fibers]  # (B*h*w, C_l)
+        joint_layers = self.training_recipe == "fast"
         generator = self._fiber_generator(batch_idx)
         plan = fiber_plan(
-            [len(layer_fibers) for layer_fibers in fibers],
+            [condition.grid_size for condition in conditions],
+            len(batch.image),
             self.fiber_batch_size,
-            joint_layers=self.training_recipe == "fast",
+            joint_layers=joint_layers,
             generator=generator,
         )
+        if not joint_layers:
+            fibers = [layer_fibers.flatten(end_dim=1) for layer_fibers in fibers]  # (B*h*w, C_l)
         losses = []
         for step in plan:
-            loss = sum(
-                flow_loss(self.model.fiber_log_likelihood(layer, fibers[layer][index], conditions[layer].select(index)))
-                for layer, index in step
-            )
+            loss = self._step_loss(step, fibers, conditions, joint_layers)
             optimizer.zero_grad(set_to_none=True)
             with self._no_gradient_sync():
                 self.manual_backward(loss)
@@ -288,6 +289,25 @@ class CflowPlus(AnomalibModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         self.log("skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max")
         return {"loss": loss}
+
+    def _step_loss(
+        self,
+        step: Sequence[tuple[int, torch.Tensor]],
+        fibers: Sequence[torch.Tensor],
+        conditions: Sequence[GridCondition],
+        joint_layers: bool,
+    ) -> torch.Tensor:
+        """Sum over a step's layers of the flow loss of the fibers its indices pick.
+
+        Joint steps pick positions of fibers ``(B, h*w, C_l)``, giving ``(B, n, C_l)``; paper steps
+        pick flat fibers of ``(B*h*w, C_l)``, giving ``(n, C_l)``.
+        """
+        losses = []
+        for layer, index in step:
+            picked = fibers[layer][:, index] if joint_layers else fibers[layer][index]
+            log_likelihoods = self.model.fiber_log_likelihood(layer, picked, conditions[layer].select(index))
+            losses.append(flow_loss(log_likelihoods))
+        return torch.stack(losses).sum()
 
     def _initialize_normalization(self, features: Sequence[torch.Tensor]) -> None:
         """Data-initialize the decoders' ActNorms from the first batch, averaged over processes."""
@@ -428,7 +448,8 @@ def warmup_cosine_schedule(total_steps: float, warmup_fraction: float, final_fac
 
 
 def fiber_plan(
-    fibers_per_layer: Sequence[int],
+    positions_per_layer: Sequence[int],
+    images: int,
     fiber_batch_size: int,
     joint_layers: bool,
     generator: torch.Generator | None = None,
@@ -436,22 +457,26 @@ def fiber_plan(
     """Split each layer's fibers into random sub-batches and group them into optimizer steps.
 
     Args:
-        fibers_per_layer: ``n_l``, fibers of each layer in the batch.
+        positions_per_layer: ``h_l * w_l``, positions of each layer's feature map.
+        images: ``B``, images in the batch; layer ``l`` has ``B * h_l * w_l`` fibers.
         fiber_batch_size: ``N``.
-        joint_layers: ``False`` (the paper): one step per sub-batch of ``N`` fibers, layer after layer.
-            ``True``: every step trains all decoders, each on its share of its layer; the layer with
-            the most fibers sets the number of steps, ``ceil(max n_l / N)``.
+        joint_layers: ``False`` (the paper): one step per random sub-batch of ``N`` fibers, layer after
+            layer; indices point into the flat ``(B*h*w)`` fibers. ``True``: every step trains all
+            decoders, each on all images at a random share of its layer's positions; indices are
+            positions, and the layer with the most fibers sets the steps, ``ceil(max B*h_l*w_l / N)``.
+            Sharing positions across the images lets a step project each condition once, not B times.
         generator: Random generator of the permutations.
 
     Returns:
-        Steps; each is a list of ``(layer, fiber indices (n,))``.
+        Steps; each is a list of ``(layer, indices (n,))``.
 
     """
     device = generator.device if generator is not None else None
-    orders = [torch.randperm(count, generator=generator, device=device) for count in fibers_per_layer]
     if not joint_layers:
+        orders = [torch.randperm(images * count, generator=generator, device=device) for count in positions_per_layer]
         return [[(layer, index)] for layer, order in enumerate(orders) for index in order.split(fiber_batch_size)]
-    steps = max(math.ceil(max(fibers_per_layer) / fiber_batch_size), 1)
+    steps = max(math.ceil(images * max(positions_per_layer) / fiber_batch_size), 1)
+    orders = [torch.randperm(count, generator=generator, device=device) for count in positions_per_layer]
     chunks = [order.tensor_split(min(steps, len(order))) for order in orders]
     return [
         [(layer, layer_chunks[step % len(layer_chunks)]) for layer, layer_chunks in enumerate(chunks)]

@@ -143,3 +143,12 @@ def test_grid_condition_gives_the_same_likelihood_as_the_dense_condition():
     z_picked, log_det_picked = decoder(fibers.reshape(30, 10)[index], c=[condition.select(index)])
     torch.testing.assert_close(z_picked, z_dense[index])
     torch.testing.assert_close(log_det_picked, log_det_dense[index])
+
+
+def test_permutation_gradient_is_the_inverse_gather():
+    block = ConditionalAffineCoupling([(7,)], [(4,)], permutation_seed=5).double()
+    _randomize(block, seed=3)
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(6, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: block([x], c=[c])[0][0], (x,))
+    assert torch.autograd.gradcheck(lambda x: block([x], c=[c])[1], (x,))

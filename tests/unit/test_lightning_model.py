@@ -99,27 +99,30 @@ def test_optimizer_trains_the_decoders_only():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(TRAINING_RECIPES["fast"].lr)
 
 
-@pytest.mark.parametrize("joint_layers", [False, True])
-def test_fiber_plan_covers_every_fiber_once_per_layer(joint_layers):
-    counts = [1000, 250, 60]
-    generator = torch.Generator().manual_seed(0)
-    plan = fiber_plan(counts, fiber_batch_size=128, joint_layers=joint_layers, generator=generator)
-    for layer, count in enumerate(counts):
+def test_paper_plan_covers_every_fiber_once_in_sub_batches_of_n():
+    positions, images = [250, 60, 15], 4  # 1000, 240 and 60 fibers
+    plan = fiber_plan(positions, images, 128, joint_layers=False, generator=torch.Generator().manual_seed(0))
+    assert len(plan) == 8 + 2 + 1 and all(len(step) == 1 for step in plan)
+    for layer, count in enumerate(positions):
         chunks = [index for step in plan for step_layer, index in step if step_layer == layer]
         assert max(len(chunk) for chunk in chunks) <= 128
-        covered = torch.cat(chunks).unique()
-        assert covered.tolist() == list(range(count))  # no fiber left out
-    if joint_layers:
-        assert len(plan) == 8  # ceil(1000 / 128) steps, each training all three decoders
-        assert all(len(step) == 3 for step in plan)
-    else:
-        assert len(plan) == 8 + 2 + 1
-        assert all(len(step) == 1 for step in plan)
+        assert sorted(torch.cat(chunks).tolist()) == list(range(images * count))  # every flat fiber once
+
+
+def test_joint_plan_trains_every_decoder_per_step_on_shared_positions():
+    positions, images = [250, 60, 15], 4
+    plan = fiber_plan(positions, images, 128, joint_layers=True, generator=torch.Generator().manual_seed(0))
+    assert len(plan) == 8  # ceil(4 * 250 / 128) steps, each training all three decoders
+    assert all([layer for layer, _ in step] == [0, 1, 2] for step in plan)
+    for layer, count in enumerate(positions):
+        chunks = [index for step in plan for step_layer, index in step if step_layer == layer]
+        assert set(torch.cat(chunks).tolist()) == set(range(count))  # every position, hence every fiber
+        assert max(images * len(chunk) for chunk in chunks) <= 128
 
 
 def test_fiber_plan_is_reproducible_from_its_generator():
     def plan():
-        return fiber_plan([300, 80], 64, joint_layers=True, generator=torch.Generator().manual_seed(7))
+        return fiber_plan([300, 80], 2, 64, joint_layers=True, generator=torch.Generator().manual_seed(7))
 
     first, second = plan(), plan()
     for step_a, step_b in zip(first, second, strict=True):
