@@ -76,13 +76,15 @@ class ConditionalSubnet(nn.Module):
         """``condition_in`` of a dense condition ``(..., P)``, or of a grid: ``(h*w, hidden)`` or ``(N, hidden)``."""
         if not isinstance(condition, GridCondition):
             return self.condition_in(condition)
+        if condition.row_index is not None:
+            # Picked positions: project their encodings. Gathering projected rows instead would put a
+            # scatter-add with CPU atomics, whose order varies between runs, into the backward pass.
+            return self.condition_in(condition.dense())
         half = condition.columns.shape[-1]
         weight = self.condition_in.weight
         columns = condition.columns @ weight[:, :half].T  # (w, hidden)
         rows = condition.rows @ weight[:, half:].T  # (h, hidden)
-        if condition.row_index is None or condition.column_index is None:
-            return (rows[:, None, :] + columns[None, :, :]).flatten(end_dim=1)
-        return rows[condition.row_index] + columns[condition.column_index]
+        return (rows[:, None, :] + columns[None, :, :]).flatten(end_dim=1)
 
     def forward(self, fibers: torch.Tensor, condition: torch.Tensor | GridCondition) -> torch.Tensor:
         """Fibers ``(..., C_in)`` with their condition (broadcastable) -> ``(..., out_features)``."""
