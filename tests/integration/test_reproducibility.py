@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ..conftest import tiny_datamodule
 
