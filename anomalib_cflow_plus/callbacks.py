@@ -55,43 +55,30 @@ class CalibrationCallback(Callback):
 class EpochSeedCallback(Callback):
     """Reseed the global random state per epoch of a seeded run: a resumed run then matches an uninterrupted one.
 
-    The training dataloader shuffles with the global random state when its iterator is created.
-    Lightning creates it after ``on_train_epoch_start``, except for the first epoch of a fit,
-    whose iterator comes before that hook; so the seed of epoch ``e`` (``seed + e``) is set at
-    the start of each epoch and also at the start of a fit, at the epoch that fit begins with,
-    which a resumed fit reads from this callback's checkpointed state. The fiber sub-batches
-    use their own generator (:meth:`CflowPlus._fiber_generator`). Checkpoints taken mid-epoch
-    resume that epoch with a reshuffled order. Inactive unless ``seed_everything`` set a seed.
+    The training dataloader's sampler draws its shuffling from the global random state when the
+    epoch's first batch is fetched, after ``on_train_epoch_start``, where the state is set to
+    ``seed + epoch``. Creating the epoch's iterator draws one more number (torch's base seed for
+    the loader); Lightning creates it after this hook for later epochs, but before it for the
+    first epoch of a fit, fresh or resumed, so that draw is repeated here then. The fiber
+    sub-batches use their own generator (:meth:`CflowPlus._fiber_generator`). Inactive unless
+    ``seed_everything`` set a seed. A checkpoint taken mid-epoch resumes with another order.
     """
 
     def __init__(self) -> None:
-        self.next_epoch = 0
-
-    @staticmethod
-    def _reseed(epoch: int) -> None:
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        if seed is not None:
-            torch.manual_seed(int(seed) + epoch)
+        self.first_epoch_of_fit = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Seed the first epoch of this fit: 0, or the epoch a resumed fit continues with."""
+        """Note that a fit, fresh or resumed, starts: its first epoch's iterator exists already."""
         del trainer, pl_module
-        self._reseed(self.next_epoch)
+        self.first_epoch_of_fit = True
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Seed the epoch."""
+        """Seed the epoch, as if its dataloader iterator were created after this hook."""
         del pl_module
-        self._reseed(trainer.current_epoch)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remember where a fit resumed from a checkpoint taken from now on continues."""
-        del pl_module
-        self.next_epoch = trainer.current_epoch + 1
-
-    def state_dict(self) -> dict[str, int]:
-        """Checkpointed state: the epoch a resumed fit begins with."""
-        return {"next_epoch": self.next_epoch}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Restore the epoch a resumed fit begins with."""
-        self.next_epoch = int(state_dict["next_epoch"])
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is None:
+            return
+        torch.manual_seed(int(seed) + trainer.current_epoch)
+        if self.first_epoch_of_fit:
+            torch.empty((), dtype=torch.int64).random_()  # the draw the iterator's creation makes
+        self.first_epoch_of_fit = False
