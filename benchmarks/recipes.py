@@ -39,6 +39,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_common_arguments(
+    parser: argparse.ArgumentParser, json_name: str, argv: Sequence[str] | None
+) -> argparse.Namespace:
+    """Add the options every demo-data training benchmark shares, parse, and apply the thread count."""
+    parser.add_argument("--textures", nargs="+", default=list(DEMO_TEXTURES), choices=DEMO_TEXTURES)
+    parser.add_argument("--backbone", default="efficientnet_lite1")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=OUT_DIR / json_name)
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def prepare_demo_data(textures: Sequence[str]) -> Path:
+    """Write (once) the benchmark-size demo data of ``textures``: 256 px, 64 train, 16 + 8 test images each."""
+    data_root = OUT_DIR / "data"
+    generate_demo_dataset(data_root, textures=textures, image_size=256, n_train=64, n_test_good=16, n_test_defect=8)
+    return data_root
+
+
 def parse_extra(specs: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``name={json kwargs}`` strings -> variants."""
     variants = {}
@@ -102,19 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"built-in variants: {list(VARIANTS)}")
     parser.add_argument("--extra", nargs="*", default=[], help="more variants as name={json kwargs}")
-    parser.add_argument("--textures", nargs="+", default=list(DEMO_TEXTURES), choices=DEMO_TEXTURES)
-    parser.add_argument("--backbone", default="efficientnet_lite1")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=OUT_DIR / "recipes.json")
-    args = parser.parse_args(argv)
-    quiet_libraries()
-    torch.set_num_threads(args.threads)
+    args = parse_common_arguments(parser, "recipes.json", argv)
     variants = {name: VARIANTS[name] for name in args.variants} | parse_extra(args.extra)
-    data_root = OUT_DIR / "data"
-    generate_demo_dataset(
-        data_root, textures=args.textures, image_size=256, n_train=64, n_test_good=16, n_test_defect=8
-    )
+    data_root = prepare_demo_data(args.textures)
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for texture in args.textures:
         for name, variant in variants.items():

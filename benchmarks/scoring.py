@@ -21,15 +21,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from backbones import BATCH_SIZE, DEFAULT_SEED, NUM_WORKERS, OUT_DIR, extract_metrics, quiet_libraries
+from backbones import BATCH_SIZE, DEFAULT_SEED, NUM_WORKERS, OUT_DIR, extract_metrics
 from lightning.pytorch import seed_everything
+from recipes import parse_common_arguments, prepare_demo_data
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.anomaly_map import SCORE_MODES
-from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
 
 
 def evaluate_modes(texture: str, data_root: Path, backbone: str, epochs: int) -> dict[str, dict[str, float]]:
@@ -83,18 +82,8 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run both score modes on every texture; print the table and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--textures", nargs="+", default=list(DEMO_TEXTURES), choices=DEMO_TEXTURES)
-    parser.add_argument("--backbone", default="efficientnet_lite1")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=OUT_DIR / "scoring.json")
-    args = parser.parse_args(argv)
-    quiet_libraries()
-    torch.set_num_threads(args.threads)
-    data_root = OUT_DIR / "data"
-    generate_demo_dataset(
-        data_root, textures=args.textures, image_size=256, n_train=64, n_test_good=16, n_test_defect=8
-    )
+    args = parse_common_arguments(parser, "scoring.json", argv)
+    data_root = prepare_demo_data(args.textures)
     results = {texture: evaluate_modes(texture, data_root, args.backbone, args.epochs) for texture in args.textures}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"backbone": args.backbone, "epochs": args.epochs, "results": results}, indent=1))

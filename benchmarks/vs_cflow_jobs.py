@@ -29,6 +29,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
+from backbones import extract_metrics
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from pair_models import (
     SharedSettings,
@@ -45,8 +46,6 @@ from pair_models import (
 from timing import round_robin_ms
 from torch import nn
 
-# Test-metric names of the shared evaluator -> short names in the results.
-METRIC_KEYS: dict[str, str] = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
 TORCH = "torch eager"
 OV_F32 = "OpenVINO f32"
 OV_DEFAULT = "OpenVINO default"
@@ -143,16 +142,6 @@ def measured_throughput(epochs: list[dict[str, Any]]) -> tuple[float, str]:
         return epoch["images"] / epoch["batch_end_s"][-1], "the only epoch, one batch: no warm-up"
     seconds = epoch["batch_end_s"][-1] - epoch["batch_end_s"][0]
     return (epoch["images"] - epoch["batch_images"][0]) / seconds, "one epoch after its first batch (the warm-up)"
-
-
-def extract_metrics(results: list[dict[str, float]]) -> dict[str, float]:
-    """Image AUROC, pixel AUROC and AUPRO out of ``engine.test``'s result."""
-    merged = {key: float(value) for result in results for key, value in result.items()}
-    missing = [key for key in METRIC_KEYS if key not in merged]
-    if missing:
-        msg = f"engine.test returned no {missing}; it returned {sorted(merged)}."
-        raise KeyError(msg)
-    return {short: merged[key] for key, short in METRIC_KEYS.items()}
 
 
 def build_with_shared_encoder(variant: Variant, settings: SharedSettings, seed: int) -> tuple[AnomalibModule, str]:
