@@ -150,7 +150,7 @@ def _fit_with_nan_batches(dataset, root, nan_batches: set[int] | None, max_skipp
         if model.model.training:  # training batches only, not calibration or validation
             calls["batch"] += 1
             if nan_batches is None or calls["batch"] in nan_batches:
-                features[0][:, :, 0, 0] = float("nan")
+                features[0].fill_(float("nan"))  # every fiber of the first layer
         return features
 
     model.model.encode = poisoned_encode
