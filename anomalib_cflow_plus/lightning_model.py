@@ -14,7 +14,6 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -36,6 +35,7 @@ from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
+from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .reporting import TrainingReportCallback
 from .torch_model import CflowPlusModel
@@ -61,7 +61,7 @@ TRAINING_RECIPES: dict[str, RecipeDefaults] = {
 }
 
 
-class CflowPlus(AnomalibModule):
+class CflowPlus(CflowPlusExportMixin, AnomalibModule):
     """CFLOW-AD: conditional normalizing flows on frozen encoder features.
 
     Args:
@@ -404,22 +404,6 @@ class CflowPlus(AnomalibModule):
         if _world_size() > 1:  # every process saw its own shard of the training set
             statistics.all_reduce(self.device)
         self.model.anomaly_map.set_calibration(*statistics.finalize())
-
-    # ---------------------------------------------------------------- export
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs: Any,
-    ) -> Path:
-        """Export to ONNX (and, through it, to OpenVINO) at opset 18 unless another opset is asked for.
-
-        torch's exporter writes opset 18; anomalib's default of 14 makes it down-convert the
-        smoothing filter's ``Pad``, which has no adapter and falls back with an error trace.
-        """
-        kwargs.setdefault("opset_version", 18)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     # ------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -72,3 +72,12 @@ def test_batch_independence_and_calibration_buffers():
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AnomalyMapGenerator(3, **kwargs)
+
+
+def test_separable_smoothing_equals_anomalibs_2d_gaussian():
+    from anomalib.models.components import GaussianBlur2d
+
+    generator = AnomalyMapGenerator(num_layers=1, sigma=4.0)
+    maps = torch.rand(3, 1, 64, 80)
+    torch.testing.assert_close(generator.blur(maps), GaussianBlur2d(sigma=4.0, channels=1)(maps), atol=1e-5, rtol=0)
+    assert not torch.allclose(generator.blur(maps), maps, atol=1e-2)
