@@ -96,6 +96,10 @@ class CflowPlusModel(nn.Module):
         names = [level["module"] for level in levels]
         # Integer out-indices spare the extractor a second probe model; its outputs are keyed by index.
         self.encoder = TimmFeatureExtractor(backbone, [names.index(layer) for layer in self.layers], pre_trained=False)
+        # NHWC: oneDNN's and cuDNN's fast convolution layout (about 2x faster on a 2-core CPU at batch 8), and
+        # NHWC feature maps make each layer's fibers (B, h*w, C) a view rather than a copy. Loading weights
+        # (``load_state_dict`` copies into these tensors) and moving devices keep the layout.
+        self.encoder.to(memory_format=torch.channels_last)
         self.decoders = nn.ModuleList(
             build_decoder(channels, condition_vector, coupling_blocks, clamp_alpha, seed=index)
             for index, channels in enumerate(self.encoder.out_dims)

@@ -37,7 +37,7 @@ from anomalib.engine import Engine
 from anomalib.models.components.base.export_mixin import ExportMixin
 
 from anomalib_cflow_plus import CflowPlus
-from anomalib_cflow_plus.export import ONNX_OPSET, CflowPlusExportMixin
+from anomalib_cflow_plus.export import ONNX_OPSET
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 

@@ -92,3 +92,17 @@ def test_unknown_backbone_is_a_clear_error():
 def test_invalid_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CflowPlusModel(**kwargs)
+
+
+def test_encoder_runs_channels_last_and_fibers_are_views():
+    model = CflowPlusModel("resnet18", layers=["layer1", "layer2"]).eval()
+    assert all(
+        parameter.is_contiguous(memory_format=torch.channels_last)
+        for parameter in model.encoder.parameters()
+        if parameter.dim() == 4
+    )
+    model.encoder.load_state_dict(model.encoder.state_dict())  # loading weights keeps the layout
+    assert model.encoder.feature_extractor.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    features = model.encode(torch.rand(2, 3, 64, 64))
+    fibers, _ = model.fibers(features[0])
+    assert fibers.is_contiguous() and fibers.data_ptr() == features[0].data_ptr()
