@@ -8,6 +8,9 @@ image AUROC, image F1 (at the exported 0.5 threshold), pixel AUROC and AUPRO. Th
 texture's exports, OpenVINO FP32 and INT8, each with the ``f32`` hint and at OpenVINO's defaults (bf16 on CPUs
 that have it), round-robin (``timing.round_robin_ms``), at batch 1 and 8. ``--acq`` also times an
 ``INT8_ACQ`` export of the first texture (validation: image AUROC on the validation split, ``max_drop`` 0.01).
+It also exports each model to ONNX and measures parity with torch on the test split: the largest absolute
+difference of ``pred_score`` and of ``anomaly_map``, and how many predicted labels agree, for ONNX Runtime and
+OpenVINO FP32 (f32 hint).
 
 Usage::
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import openvino as ov
 import torch
 from anomalib.data import ImageBatch, MVTecAD
@@ -140,14 +144,50 @@ def evaluate(predict: Predictor, data: MVTecAD) -> dict[str, float]:
     return {name: float(metric.compute()) for name, metric in metrics.items()}
 
 
+def onnx_predictor(path: Path) -> Predictor:
+    """An exported ONNX model in ONNX Runtime (CPU), as a function of images ``(B, 3, H, W)``."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+
+    def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+        return {
+            name: torch.from_numpy(np.asarray(outputs[name])) for name in ("pred_score", "pred_label", "anomaly_map")
+        }
+
+    return predict
+
+
+def parity(reference: Predictor, candidates: dict[str, Predictor], data: MVTecAD) -> dict[str, dict[str, float]]:
+    """Largest |difference| to ``reference`` of scores and maps, and agreeing labels, over the test split."""
+    result = {name: {"max_score_diff": 0.0, "max_map_diff": 0.0, "labels_equal": 0, "images": 0} for name in candidates}
+    for batch in data.test_dataloader():
+        expected = reference(batch.image)
+        for name, predict in candidates.items():
+            actual, row = predict(batch.image), result[name]
+            score_diff = (actual["pred_score"].flatten() - expected["pred_score"].flatten()).abs().max()
+            map_diff = (actual["anomaly_map"].reshape(expected["anomaly_map"].shape) - expected["anomaly_map"]).abs()
+            same = actual["pred_label"].flatten().bool() == expected["pred_label"].flatten().bool()
+            row["max_score_diff"] = max(row["max_score_diff"], float(score_diff))
+            row["max_map_diff"] = max(row["max_map_diff"], float(map_diff.max()))
+            row["labels_equal"] += int(same.sum())
+            row["images"] += len(batch.image)
+    return result
+
+
 def export(
-    model: Any, root: Path, image_size: int, data: MVTecAD, compression: CompressionType | None
+    model: Any,
+    root: Path,
+    image_size: int,
+    data: MVTecAD,
+    compression: CompressionType | None,
+    export_type: ExportType = ExportType.OPENVINO,
 ) -> tuple[Path, float]:
-    """Export to OpenVINO through ``Engine.export``; return the ``.xml`` path and the wall time in seconds."""
+    """Export through ``Engine.export`` (OpenVINO unless told); return the model file's path and the wall seconds."""
     start = time.perf_counter()
     path = Engine(logger=False).export(
         model,
-        ExportType.OPENVINO,
+        export_type,
         export_root=root,
         input_size=(image_size, image_size),
         compression_type=compression,
@@ -205,6 +245,7 @@ def main() -> None:
 
     accuracy: dict[str, dict[str, dict[str, float]]] = {}
     exports: dict[str, dict[str, float]] = {}
+    parities: dict[str, dict[str, dict[str, float]]] = {}
     work = Path(tempfile.mkdtemp(prefix="cflow_plus_int8_"))
     first_paths: dict[str, Path] = {}
     for texture in args.textures:
@@ -215,7 +256,13 @@ def main() -> None:
         data.setup()
         fp32_path, fp32_s = export(model, work / texture / "fp32", image_size, data, None)
         int8_path, int8_s = export(model, work / texture / "int8", image_size, data, CompressionType.INT8_PTQ)
-        exports[texture] = {"fp32_export_s": fp32_s, "int8_ptq_export_s": int8_s}
+        onnx_path, onnx_s = export(model, work / texture / "onnx", image_size, data, None, ExportType.ONNX)
+        exports[texture] = {"fp32_export_s": fp32_s, "int8_ptq_export_s": int8_s, "onnx_export_s": onnx_s}
+        parities[texture] = parity(
+            torch_predictor(model),
+            {"ONNX Runtime": onnx_predictor(onnx_path), "OpenVINO FP32 (f32)": openvino_predictor(fp32_path, F32)},
+            data,
+        )
         accuracy[texture] = {
             "torch": evaluate(torch_predictor(model), data),
             "OpenVINO FP32 (f32)": evaluate(openvino_predictor(fp32_path, F32), data),
@@ -231,7 +278,7 @@ def main() -> None:
                 print(f"{texture}: INT8_ACQ export {acq_s:.0f} s", flush=True)
 
     timing = latency(first_paths, image_size, args.batch, args.repeats, args.threads)
-    report = {"accuracy": accuracy, "exports": exports, "latency": timing, "threads": args.threads}
+    report = {"accuracy": accuracy, "parity": parities, "exports": exports, "latency": timing, "threads": args.threads}
     report["mean"] = {
         backend: {
             metric: statistics.mean(accuracy[texture][backend][metric] for texture in args.textures)
@@ -262,6 +309,15 @@ def format_tables(report: dict[str, Any], textures: list[str], image_size: int) 
             f"| {backend} | {mean['image_auroc']:.3f} | {mean['image_f1']:.3f} | {mean['pixel_auroc']:.3f} "
             f"| {mean['aupro']:.3f} | {per_texture} |"
         )
+    lines += ["", "Parity with torch on the test split (largest |difference|; labels equal / images):", ""]
+    lines += ["| texture | backend | pred_score | anomaly_map | labels |", "|---|---|---|---|---|"]
+    for texture, by_backend in report["parity"].items():
+        for backend, row in by_backend.items():
+            lines.append(
+                f"| {texture} | {backend} | {row['max_score_diff']:.2e} | {row['max_map_diff']:.2e} "
+                f"| {row['labels_equal']}/{row['images']} |"
+            )
+    lines += ["", f"Export seconds: {json.dumps(report['exports'])}"]
     lines += ["", f"Latency, {textures[0]} exports, {report['threads']} threads (ms/img; INT8 speed-up over FP32):", ""]
     lines += ["| batch | FP32 f32 | INT8 f32 | speed-up | FP32 default | INT8 default | speed-up |", "|---" * 7 + "|"]
     for row in report["latency"]:

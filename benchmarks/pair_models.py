@@ -143,10 +143,19 @@ def load_shared_encoder(model: AnomalibModule, state_dict: Mapping[str, Tensor],
 
 
 def prepare_for_inference(model: AnomalibModule, image_size: int) -> AnomalibModule:
-    """Eval mode; an untrained CflowPlus first initializes its ActNorms on the features of random images."""
+    """Eval mode; an untrained CflowPlus first gets weights shaped like a trained one's.
+
+    Its ActNorms are initialized on the features of random images, and its couplings' last layers, which start
+    at zero (identity couplings), get small random weights: OpenVINO folds a product with a zero matrix away,
+    which would time and size a model without half of its subnets.
+    """
     if isinstance(model, CflowPlus) and not model.model.normalization_initialized:
         with torch.no_grad():
             model.model.initialize_normalization(model.model.encode(torch.randn(2, 3, image_size, image_size)))
+            generator = torch.Generator().manual_seed(0)
+            for name, parameter in model.model.decoders.named_parameters():
+                if ".subnet.out." in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-2)
     return model.eval()
 
 

@@ -88,6 +88,7 @@ class BenchmarkConfig:
     work_dir: Path
     json_path: Path
     quick: bool
+    reuse_training: bool
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes-backbone", default=SIZES_BACKBONE, help="sizes of random models ('' to skip)")
     parser.add_argument("--report", type=Path, default=None, help="only print the tables of an existing JSON")
     parser.add_argument(
+        "--reuse-training",
+        action="store_true",
+        help="reuse the results of training jobs whose spec is unchanged (re-measure latency and sizes only)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 128 px, 8 train images, brick, 1 epoch, resnet18, 3 rounds, no wide_resnet50_2 export",
@@ -187,6 +193,7 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
         work_dir=OUT_DIR / name,
         json_path=OUT_DIR / f"{name}.json",
         quick=quick,
+        reuse_training=args.reuse_training,
     )
 
 
@@ -207,12 +214,19 @@ def shared_settings(config: BenchmarkConfig, backbone: str) -> SharedSettings:
 # ------------------------------------------------------------------------------------------------- jobs
 
 
-def run_job(job: str, spec: dict[str, Any], config: BenchmarkConfig, label: str) -> dict[str, Any]:
-    """Run one job of ``vs_cflow_jobs.py`` in a fresh process; return its result, or ``{"error": ...}``."""
+def run_job(job: str, spec: dict[str, Any], config: BenchmarkConfig, label: str, reuse: bool = False) -> dict[str, Any]:
+    """Run one job of ``vs_cflow_jobs.py`` in a fresh process; return its result, or ``{"error": ...}``.
+
+    With ``reuse``, a result left by an earlier run of the same spec is returned instead.
+    """
     job_dir = config.work_dir / "jobs"
     job_dir.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = (job_dir / f"{label}.{suffix}" for suffix in ("spec.json", "json", "log"))
-    spec_path.write_text(json.dumps(spec, indent=2, default=str))
+    spec_text = json.dumps(spec, indent=2, default=str)
+    if reuse and result_path.is_file() and spec_path.is_file() and spec_path.read_text() == spec_text:
+        print(f"  {label}: reused {result_path}", flush=True)
+        return json.loads(result_path.read_text())
+    spec_path.write_text(spec_text)
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
     start = time.perf_counter()
@@ -250,7 +264,7 @@ def run_backbone(config: BenchmarkConfig, backbone: str, variants: Sequence[Vari
                 "run_dir": str(config.work_dir / "runs" / backbone / variant.name.replace(" ", "_") / texture),
             }
             label = f"train-{backbone}-{variant.name.replace(' ', '_')}-{texture}"
-            result = run_job("train", spec, config, label)
+            result = run_job("train", spec, config, label, reuse=config.reuse_training)
             train.append({"variant": variant.name, "texture": texture, **result})
             if "error" not in result:
                 print(

@@ -1,6 +1,9 @@
-"""End to end through anomalib's CLI: train, test from the checkpoint, export and predict."""
+"""End to end through anomalib's CLI: train, test from the checkpoint, export (INT8) and predict."""
 
+import openvino as ov
 import pytest
+
+from anomalib_cflow_plus.export import fp32_tail_names
 
 from .cli import ANOMALIB, metrics, run
 
@@ -30,9 +33,13 @@ def test_cli_train_test_export_predict(tiny_dataset, tmp_path):
     for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"):
         assert tested[name] == pytest.approx(trained[name], abs=1e-6), name
 
+    # INT8 through the CLI: anomalib hands the --data datamodule to CflowPlus's quantization hook.
     run(ANOMALIB, "export", "--model", "CflowPlus", "--export_type", "openvino", "--ckpt_path", str(checkpoint),
-        "--default_root_dir", str(tmp_path / "export"))  # fmt: skip
-    assert (tmp_path / "export" / "weights" / "openvino" / "model.xml").is_file()
+        "--compression_type", "INT8_PTQ", *data, "--default_root_dir", str(tmp_path / "export"))  # fmt: skip
+    exported = ov.Core().read_model(tmp_path / "export" / "weights" / "openvino" / "model.xml")
+    quantizers = {op.get_friendly_name() for op in exported.get_ops() if op.get_type_name() == "FakeQuantize"}
+    assert quantizers, "INT8_PTQ exported no quantizer"
+    assert not quantizers & set(fp32_tail_names(exported)), "a quantizer sits in the scoring tail"
 
     predicted = run(
         ANOMALIB, "predict", "--model", "CflowPlus", "--ckpt_path", str(checkpoint),

@@ -8,6 +8,7 @@ module stays within CI's time.
 import re
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -149,6 +150,9 @@ def test_openvino_export_matches_torch(model, trained_run, images, torch_predict
     path = trained_run.engine.export(model, ExportType.OPENVINO, export_root=tmp_path, input_size=INPUT_SIZE)
     operations = {op.get_type_name() for op in ov.Core().read_model(path).get_ops()}
     assert not operations & LOOP_OPS, "a loop was exported"
+    # The IR holds the weights and little else: no positional condition folded into a (h*w, hidden) constant.
+    weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.model.parameters())
+    assert Path(path).with_suffix(".bin").stat().st_size <= 1.02 * weight_bytes
     inferencer = OpenVINOInferencer(path=path, device="CPU", config=F32)
 
     def predict(image):
