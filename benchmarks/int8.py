@@ -7,7 +7,8 @@ score the test set with torch, OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``) 
 image AUROC, image F1 (at the exported 0.5 threshold), pixel AUROC and AUPRO. Then time, on the first
 texture's exports, OpenVINO FP32 and INT8, each with the ``f32`` hint and at OpenVINO's defaults (bf16 on CPUs
 that have it), round-robin (``timing.round_robin_ms``), at batch 1 and 8. ``--acq`` also times an
-``INT8_ACQ`` export of the first texture (validation: image AUROC on the validation split, ``max_drop`` 0.01).
+``INT8_ACQ`` export of the first texture (``Engine.export``'s defaults: image F1 on the validation split,
+``max_drop`` 0.01).
 It also exports each model to ONNX and measures parity with torch on the test split: the largest absolute
 difference of ``pred_score`` and of ``anomaly_map``, and how many predicted labels agree, for ONNX Runtime and
 OpenVINO FP32 (f32 hint).
