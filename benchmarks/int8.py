@@ -96,15 +96,18 @@ def trained_model(root: Path, texture: str, run_dir: Path, epochs: int, image_si
     return model.eval()
 
 
+def exported_outputs(outputs: Any) -> dict[str, torch.Tensor]:
+    """``pred_score``, ``pred_label`` and ``anomaly_map`` of an exported model's outputs (name -> array) as tensors."""
+    return {name: torch.from_numpy(np.asarray(outputs[name])) for name in ("pred_score", "pred_label", "anomaly_map")}
+
+
 def openvino_predictor(path: Path, config: dict[str, str]) -> Predictor:
     """An exported model compiled for the CPU, as a function of images ``(B, 3, H, W)``."""
     compiled = ov.Core().compile_model(path, "CPU", config)
 
     def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = compiled(images.numpy())
-        return {
-            name: torch.from_numpy(np.asarray(outputs[name])) for name in ("pred_score", "pred_label", "anomaly_map")
-        }
+        return exported_outputs(outputs)
 
     return predict
 
@@ -152,9 +155,7 @@ def onnx_predictor(path: Path) -> Predictor:
 
     def predict(images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
-        return {
-            name: torch.from_numpy(np.asarray(outputs[name])) for name in ("pred_score", "pred_label", "anomaly_map")
-        }
+        return exported_outputs(outputs)
 
     return predict
 
