@@ -30,7 +30,7 @@ from torch import optim
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import Resize
 
-from .anomaly_map import LayerStatistics, ScoreMode
+from .anomaly_map import ImageScore, LayerStatistics, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
 from .condition import GridCondition
@@ -91,6 +91,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         sigma: Gaussian smoothing of the anomaly map, in pixels (0 disables it).
         top_k_percent: Share of map pixels averaged into the image score, in percent (0: max).
         score_mode: ``"paper"`` (likelihood ratio to the training maximum) or ``"zscore"``.
+        image_score: ``"combined"`` (default), ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
+            ``"layer_max"`` (each layer's most anomalous position, averaged over layers); see
+            :class:`~.anomaly_map.AnomalyMapGenerator`. ``benchmarks/README.md`` has the study that chose it.
         pre_processor: Pre-processor, ``True`` for the default (resize to 256, ImageNet normalize).
         post_processor: Post-processor, ``True`` for anomalib's default.
         evaluator: Evaluator, ``True`` for image/pixel AUROC and F1 plus AUPRO.
@@ -114,8 +117,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         max_skipped_steps: int = 20,
         check_data: bool = True,
         sigma: float = 4.0,
-        top_k_percent: float = 1.0,
+        top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
+        image_score: ImageScore = "combined",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -154,6 +158,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             sigma=sigma,
             top_k_percent=top_k_percent,
             score_mode=score_mode,
+            image_score=image_score,
         )
         self.backbone = backbone
         self.pre_trained = pre_trained

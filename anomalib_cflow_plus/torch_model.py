@@ -13,7 +13,7 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, ScoreMode
+from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .flow import FiberActNorm, build_decoder, log_likelihood
 
@@ -67,6 +67,7 @@ class CflowPlusModel(nn.Module):
         sigma: Gaussian smoothing of the anomaly map, in pixels.
         top_k_percent: Share of map pixels averaged into the image score (0: the max).
         score_mode: ``"paper"`` or ``"zscore"``, see :class:`AnomalyMapGenerator`.
+        image_score: ``"combined"``, ``"map"`` or ``"layer_max"``, see :class:`AnomalyMapGenerator`.
 
     """
 
@@ -78,8 +79,9 @@ class CflowPlusModel(nn.Module):
         coupling_blocks: int = 8,
         clamp_alpha: float = 1.9,
         sigma: float = 4.0,
-        top_k_percent: float = 1.0,
+        top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
+        image_score: ImageScore = "combined",
     ) -> None:
         super().__init__()
         check_condition_dim(condition_vector)
@@ -104,7 +106,7 @@ class CflowPlusModel(nn.Module):
             build_decoder(channels, condition_vector, coupling_blocks, clamp_alpha, seed=index)
             for index, channels in enumerate(self.encoder.out_dims)
         )
-        self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode)
+        self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
 
     def train(self, mode: bool = True) -> CflowPlusModel:
         """Switch the decoders' mode; the encoder stays in eval mode, so its BatchNorm never moves."""

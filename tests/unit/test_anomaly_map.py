@@ -28,7 +28,7 @@ def test_empty_statistics_raise():
 
 
 def test_paper_mode_map_and_score():
-    generator = AnomalyMapGenerator(3, sigma=0, top_k_percent=0, score_mode="paper")
+    generator = AnomalyMapGenerator(3, sigma=0, top_k_percent=0, score_mode="paper", image_score="map")
     generator.set_calibration(torch.zeros(3), torch.zeros(3), torch.ones(3))
     maps = [torch.zeros(1, 4, 4), torch.zeros(1, 2, 2), torch.zeros(1, 1, 1)]
     maps[0][0, 0, 0] = -math.log(2.0)  # half the likelihood of the best normal fiber
@@ -40,7 +40,7 @@ def test_paper_mode_map_and_score():
 
 
 def test_zscore_mode():
-    generator = AnomalyMapGenerator(1, sigma=0, top_k_percent=0, score_mode="zscore")
+    generator = AnomalyMapGenerator(1, sigma=0, top_k_percent=0, score_mode="zscore", image_score="map")
     generator.set_calibration(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([0.5]))
     anomaly_map, score = generator([torch.full((1, 2, 2), -2.0)], image_size=(2, 2))
     torch.testing.assert_close(anomaly_map, torch.full((1, 1, 2, 2), 2.0))
@@ -67,7 +67,12 @@ def test_batch_independence_and_calibration_buffers():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"score_mode": "median"}, "score_mode"), ({"top_k_percent": 120}, "top_k_percent"), ({"sigma": -1}, "sigma")],
+    [
+        ({"score_mode": "median"}, "score_mode"),
+        ({"top_k_percent": 120}, "top_k_percent"),
+        ({"sigma": -1}, "sigma"),
+        ({"image_score": "mean"}, "image_score"),
+    ],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -81,3 +86,49 @@ def test_separable_smoothing_equals_anomalibs_2d_gaussian():
     maps = torch.rand(3, 1, 64, 80)
     torch.testing.assert_close(generator.blur(maps), GaussianBlur2d(sigma=4.0, channels=1)(maps), atol=1e-5, rtol=0)
     assert not torch.allclose(generator.blur(maps), maps, atol=1e-2)
+
+
+def _one_hot_maps() -> list[torch.Tensor]:
+    """Two layers of log-likelihoods: layer 0 has one fiber at half the best likelihood, layer 1 one at a quarter."""
+    maps = [torch.zeros(1, 4, 4), torch.zeros(1, 2, 2)]
+    maps[0][0, 0, 0] = -math.log(2.0)
+    maps[1][0, 1, 1] = -math.log(4.0)
+    return maps
+
+
+def test_layer_max_score_averages_each_layers_most_anomalous_fiber():
+    generator = AnomalyMapGenerator(2, sigma=0, score_mode="paper", image_score="layer_max")
+    generator.set_calibration(torch.zeros(2), torch.zeros(2), torch.ones(2))
+    _, score = generator(_one_hot_maps(), image_size=(4, 4))
+    assert score.item() == pytest.approx((0.5 + 0.75) / 2, abs=1e-6)
+
+
+def test_combined_score_is_mean_of_per_layer_map_max_and_layer_max():
+    maps = _one_hot_maps()
+    scores = {}
+    for mode in ("map", "layer_max", "combined"):
+        generator = AnomalyMapGenerator(2, sigma=0, top_k_percent=0, score_mode="paper", image_score=mode)
+        generator.set_calibration(torch.zeros(2), torch.zeros(2), torch.ones(2))
+        anomaly_map, scores[mode] = generator(maps, image_size=(4, 4))
+        assert anomaly_map.shape == (1, 1, 4, 4)
+    assert scores["combined"].item() == pytest.approx((scores["map"].item() / 2 + scores["layer_max"].item()) / 2)
+    assert scores["combined"].item() != pytest.approx(scores["map"].item())
+
+
+def test_combined_zscore_keeps_the_map_on_its_own_scale():
+    generator = AnomalyMapGenerator(1, sigma=0, score_mode="zscore", image_score="combined")
+    generator.set_calibration(torch.zeros(1), torch.zeros(1), torch.ones(1))
+    log_likelihoods = torch.zeros(1, 2, 2)
+    log_likelihoods[0, 0, 0] = -3.0
+    _, score = generator([log_likelihoods], image_size=(2, 2))
+    assert score.item() == pytest.approx(3.0)  # map max 3 and layer max 3
+
+
+def test_batch_independence_of_every_image_score():
+    maps = _maps(batch=4)
+    for mode in ("map", "layer_max", "combined"):
+        generator = AnomalyMapGenerator(3, sigma=4.0, image_score=mode)
+        generator.set_calibration(torch.tensor([0.1, 0.2, 0.3]), torch.zeros(3), torch.ones(3))
+        _, full = generator(maps, image_size=(40, 40))
+        _, single = generator([m[1:2] for m in maps], image_size=(40, 40))
+        torch.testing.assert_close(single[0], full[1], atol=1e-6, rtol=0)
