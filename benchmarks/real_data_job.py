@@ -7,14 +7,17 @@ Usage (``real_data.py`` does this)::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
+
 import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 from unittest import mock
 

@@ -21,13 +21,17 @@ when their maps exist; ``--fresh`` retrains. ``analyze`` prints markdown tables 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
+
 import argparse
 import json
 import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -206,21 +210,10 @@ def calibrate_position_z(train: list[np.ndarray], test: list[np.ndarray]) -> lis
     return scores
 
 
-def calibrate_position_z_pooled(train: list[np.ndarray], test: list[np.ndarray]) -> list[torch.Tensor]:
-    """Per-position z-scores whose std is shrunk halfway to the layer's: steadier with few training images."""
-    scores = []
-    for tr, t in zip(train, test, strict=True):
-        mean = tr.mean(axis=0)
-        std = np.sqrt(0.5 * tr.var(axis=0) + 0.5 * tr.var())
-        scores.append(torch.from_numpy((mean - t) / std))
-    return scores
-
-
 CALIBRATIONS: dict[str, Calibrator] = {
     "global-exp": calibrate_global_exp,
     "global-z": calibrate_global_z,
     "position-z": calibrate_position_z,
-    "position-z-pooled": calibrate_position_z_pooled,
 }
 
 
@@ -244,6 +237,7 @@ def image_scores(maps: torch.Tensor, layer_scores: Sequence[torch.Tensor]) -> di
         k = max(1, round(flat.shape[1] * percent / 100))
         choices[f"top{percent:g}%"] = flat.topk(k, dim=1).values.mean(dim=1)
     choices["layer-max-mean"] = torch.stack([score.flatten(start_dim=1).amax(dim=1) for score in layer_scores]).mean(0)
+    choices["combined"] = 0.5 * (choices["max"] + choices["layer-max-mean"])  # CflowPlus's image_score="combined"
     return choices
 
 
@@ -368,12 +362,16 @@ def analyze(
     last = [row for row in rows if row["epoch"] == epochs]
     keys = ["config", "layers", "calibration", "image_score"]
     summary = summarize(last, keys)
-    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+    print(f"\n### image_auroc, after epoch {epochs}\n")
+    print(markdown(summary, keys, "image_auroc"))
+    keys = ["config", "layers", "calibration"]
+    summary = summarize([row for row in last if row["image_score"] == "max"], keys)
+    for metric in ("pixel_auroc", "aupro"):
         print(f"\n### {metric}, after epoch {epochs}\n")
         print(markdown(summary, keys, metric))
     if every_epoch:
         keys = ["config", "calibration", "image_score", "epoch"]
-        picked = [row for row in rows if row["image_score"] in ("top1%", "max")]
+        picked = [row for row in rows if row["image_score"] in ("top1%", "max", "combined")]
         summary = summarize(picked, keys)
         for metric in ("image_auroc", "aupro"):
             print(f"\n### {metric} after each epoch\n")
