@@ -76,17 +76,6 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
     return float(metric.compute())
 
 
-def metrics_from_arrays(
-    scores: np.ndarray, labels: np.ndarray, maps: np.ndarray, masks: np.ndarray
-) -> dict[str, float]:
-    """Image AUROC, pixel AUROC and AUPRO, the benchmark's three accuracy figures."""
-    return {
-        "image_auroc": image_auroc(scores, labels),
-        "pixel_auroc": pixel_auroc(maps, masks),
-        "aupro": aupro(maps, masks),
-    }
-
-
 def mean_and_spread(values: Iterable[float]) -> dict[str, float]:
     """Mean, standard deviation (population, 0 for one value), min and max of some figures."""
     array = np.asarray(list(values), dtype=np.float64)

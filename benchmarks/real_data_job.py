@@ -27,6 +27,7 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models import Cflow, Fastflow, Patchcore
 from anomalib.models.components import AnomalibModule
+from backbones import extract_metrics
 from harness import dataset_location, process_peak_rss_mb
 from lightning.pytorch import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
@@ -36,7 +37,6 @@ from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import load_encoder_weights, packaged_state_dict
 from anomalib_cflow_plus.torch_model import feature_levels
 
-METRIC_KEYS = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
 LATENCY_IMAGES = 20
 
 
@@ -129,10 +129,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         checkpoint = Path(run_dir) / "benchmark.ckpt"
         engine.trainer.save_checkpoint(checkpoint)
         checkpoint_mb = checkpoint.stat().st_size / 2**20
-    merged = {key: float(value) for result in results for key, value in result.items()}
     return {
         **spec,
-        **{short: merged[key] for key, short in METRIC_KEYS.items()},
+        **extract_metrics(results),
         "layers": layers,
         "train_images": len(datamodule.train_data),
         "train_images_available": train_images,
