@@ -37,6 +37,7 @@ from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .export import CflowPlusExportMixin
 from .flow import flow_loss
+from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
 from .torch_model import CflowPlusModel
 
@@ -96,8 +97,15 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         image_score: ``"combined"`` (default), ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
             ``"layer_max"`` (each layer's most anomalous position, averaged over layers); see
             :class:`~.anomaly_map.AnomalyMapGenerator`. ``benchmarks/README.md`` has the study that chose it.
-        pre_processor: Pre-processor, ``True`` for the default (resize to 256, ImageNet normalize).
-        post_processor: Post-processor, ``True`` for anomalib's default.
+        threshold: How the default post-processor learns its thresholds on the validation split: ``"auto"``
+            (default): anomalib's F1-adaptive thresholds when the split holds defective images, otherwise
+            ``"normal"``; ``"normal"``: from good images only, for a false-positive rate of ``normal_fpr``;
+            ``"f1"``: anomalib's, always. See :class:`~.post_processor.CflowPlusPostProcessor`.
+        normal_fpr: Target false-positive rate on good images of ``"normal"`` thresholds.
+        pre_processor: Pre-processor, ``True`` for the default (resize to 256, ImageNet normalize). Any
+            ``Resize`` size works, square or not (e.g. ``(256, 640)`` for a long part).
+        post_processor: Post-processor, ``True`` for :class:`~.post_processor.CflowPlusPostProcessor` with
+            ``threshold`` and ``normal_fpr``.
         evaluator: Evaluator, ``True`` for image/pixel AUROC and F1 plus AUPRO.
         visualizer: Visualizer, ``True`` for anomalib's default.
 
@@ -122,11 +130,20 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
         image_score: ImageScore = "combined",
+        threshold: ThresholdMode = "auto",
+        normal_fpr: float = 0.01,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if threshold not in THRESHOLD_MODES:
+            msg = f"threshold must be one of {THRESHOLD_MODES}, got {threshold!r}."
+            raise ValueError(msg)
+        if post_processor is True:
+            post_processor = CflowPlusPostProcessor(threshold=threshold, normal_fpr=normal_fpr)
+        elif (threshold, normal_fpr) != ("auto", 0.01):
+            logger.warning("threshold and normal_fpr only configure the default post-processor; they are ignored.")
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -197,6 +214,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             DataCheckCallback(decode=self.check_data),
             TrainingReportCallback(),
         ]
+
+    def configure_post_processor(self) -> PostProcessor:
+        """Return the post-processor: anomalib's, with thresholds from good images when validation has no defect."""
+        return CflowPlusPostProcessor()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

@@ -1,4 +1,7 @@
-"""Command line: ``python -m anomalib_cflow_plus.data --root datasets/demo --image-size 256 --n-train 64``."""
+"""Command line: ``python -m anomalib_cflow_plus.data --root datasets/demo --image-size 256 --n-train 64``.
+
+``--image-size 256x640`` writes non-square images, 256 px high and 640 px wide (a long part).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,16 @@ from pathlib import Path
 from anomalib_cflow_plus.data.demo import DEFECT_TYPES, DEMO_TEXTURES, generate_demo_dataset
 
 
+def parse_image_size(text: str) -> int | tuple[int, int]:
+    """``"256"`` -> 256 (square), ``"256x640"`` -> ``(256, 640)`` (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() for part in parts):
+        msg = f"expected a side such as 256 or HEIGHTxWIDTH such as 256x640, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    sides = [int(part) for part in parts]
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the demo dataset generator."""
     parser = argparse.ArgumentParser(
@@ -20,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", type=Path, default=Path("datasets/demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--textures", nargs="+", default=list(DEMO_TEXTURES), choices=DEMO_TEXTURES)
     parser.add_argument("--defects", nargs="+", default=list(DEFECT_TYPES), choices=DEFECT_TYPES)
-    parser.add_argument("--image-size", type=int, default=256, help="square image side in px (default: %(default)s)")
+    parser.add_argument(
+        "--image-size",
+        type=parse_image_size,
+        default=256,
+        help="image side in px, or HEIGHTxWIDTH such as 256x640 (default: %(default)s)",
+    )
     parser.add_argument("--n-train", type=int, default=64, help="normal training images per texture")
     parser.add_argument("--n-test-good", type=int, default=16, help="normal test images per texture")
     parser.add_argument("--n-test-defect", type=int, default=8, help="test images per texture and defect type")

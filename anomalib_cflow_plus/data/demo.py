@@ -2,7 +2,7 @@
 
 Layout written under ``root`` for every texture ``<t>`` and defect type ``<d>``::
 
-    <t>/train/good/000.png             RGB uint8, image_size x image_size
+    <t>/train/good/000.png             RGB uint8, H x W (``image_size``: a side, or ``(H, W)``)
     <t>/test/good/000.png
     <t>/test/<d>/000.png
     <t>/ground_truth/<d>/000_mask.png  single-channel uint8, 0 or 255
@@ -42,6 +42,8 @@ _MAX_DEFECT_ATTEMPTS = 32
 PERLIN_RESOLUTION = 128  # Perlin noise is drawn at most at this size, then upsampled
 
 Painter = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+ImageSize = int | tuple[int, int]  # a square side, or (height, width)
+Shape = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -69,128 +71,154 @@ def image_rng(seed: int, texture: str, group: str, index: int) -> np.random.Gene
     return np.random.default_rng([seed, zlib.crc32(f"{texture}/{group}".encode()), index])
 
 
-def random_view(photo: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Randomly crop and flip a (H, W) grayscale photo; return an (S, S, 3) uint8 RGB view with S=image_size."""
-    side = int(rng.uniform(*CROP_FRACTION) * min(photo.shape))
-    top = int(rng.integers(0, photo.shape[0] - side + 1))
-    left = int(rng.integers(0, photo.shape[1] - side + 1))
-    crop = photo[top : top + side, left : left + side]
+def image_shape(image_size: ImageSize) -> Shape:
+    """``(H, W)`` of an image size given as one side (square) or as ``(H, W)``."""
+    if isinstance(image_size, int | np.integer) and not isinstance(image_size, bool):
+        return int(image_size), int(image_size)
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2:
+        return int(image_size[0]), int(image_size[1])
+    msg = f"image_size must be an integer or a (height, width) pair, got {image_size!r}."
+    raise ValueError(msg)
+
+
+def random_view(photo: np.ndarray, shape: Shape, rng: np.random.Generator) -> np.ndarray:
+    """Randomly crop and flip a grayscale photo at the aspect of ``shape``; return an (H, W, 3) uint8 RGB view.
+
+    The crop's longer side is a random share (:data:`CROP_FRACTION`) of the photo's shorter side.
+    """
+    height, width = shape
+    longest = int(rng.uniform(*CROP_FRACTION) * min(photo.shape))
+    crop_height = max(1, round(longest * height / max(shape)))
+    crop_width = max(1, round(longest * width / max(shape)))
+    top = int(rng.integers(0, photo.shape[0] - crop_height + 1))
+    left = int(rng.integers(0, photo.shape[1] - crop_width + 1))
+    crop = photo[top : top + crop_height, left : left + crop_width]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     if rng.random() < 0.5:
         crop = crop[::-1, :]
-    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    resized = Image.fromarray(np.ascontiguousarray(crop)).resize((width, height), Image.Resampling.BILINEAR)
     return np.repeat(np.asarray(resized)[..., None], 3, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------- shape helpers
 
 
-def perlin_noise(size: int, scale: int, rng: np.random.Generator) -> np.ndarray:
-    """Return (S, S) float32 Perlin noise (roughly in [-1, 1]) from anomalib, seeded from ``rng`` only.
+def perlin_noise(shape: Shape, scale: int, rng: np.random.Generator) -> np.ndarray:
+    """Return (H, W) float32 Perlin noise (roughly in [-1, 1]) from anomalib, seeded from ``rng`` only.
 
-    The noise is smooth at the scales used here, so it is drawn at most at PERLIN_RESOLUTION px and
-    bilinearly upsampled.
+    The noise is smooth at the scales used here, so it is drawn on a square of at most PERLIN_RESOLUTION px
+    per side, cropped to the image's aspect and bilinearly upsampled. ``scale`` (a power of 2) is the number
+    of noise cells along the image's shorter side, at least; anomalib's generator takes powers of 2.
     """
-    resolution = min(size, PERLIN_RESOLUTION)
+    factor = min(1.0, PERLIN_RESOLUTION / max(shape))
+    side = max(1, round(max(shape) * factor))
+    resolution = (max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor)))
+    cells = scale * 2 ** math.ceil(math.log2(max(shape) / min(shape)))  # along the square's side
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**62)))
-        noise = generate_perlin_noise(resolution, resolution, scale=(scale, scale), device=torch.device("cpu"))
-    if resolution != size:
-        noise = torch.nn.functional.interpolate(noise[None, None], size=(size, size), mode="bilinear")[0, 0]
+        noise = generate_perlin_noise(side, side, scale=(cells, cells), device=torch.device("cpu"))
+    noise = noise[: resolution[0], : resolution[1]]
+    if resolution != shape:
+        noise = torch.nn.functional.interpolate(noise[None, None], size=shape, mode="bilinear")[0, 0]
     return noise.numpy().astype(np.float32)
 
 
-def gaussian_window(size: int, rng: np.random.Generator, sigma_fraction: tuple[float, float]) -> np.ndarray:
-    """Return an (S, S) float32 Gaussian bump (peak 1) at a random centre away from the borders."""
-    centre = rng.uniform(0.25, 0.75, size=2) * size
-    sigma = rng.uniform(*sigma_fraction) * size
-    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
+def gaussian_window(shape: Shape, rng: np.random.Generator, sigma_fraction: tuple[float, float]) -> np.ndarray:
+    """Return an (H, W) float32 Gaussian bump (peak 1) at a random centre away from the borders.
+
+    Its ``sigma`` is a share ``sigma_fraction`` of the shorter side.
+    """
+    centre = rng.uniform(0.25, 0.75, size=2) * np.asarray(shape)
+    sigma = rng.uniform(*sigma_fraction) * min(shape)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     return np.exp(-((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2) / (2 * sigma**2)).astype(np.float32)
 
 
-def irregular_blob(size: int, rng: np.random.Generator, area_fraction: float) -> np.ndarray:
-    """Return an (S, S) bool mask of a wobbly rotated ellipse covering about ``area_fraction`` of the image."""
+def irregular_blob(shape: Shape, rng: np.random.Generator, area_fraction: float) -> np.ndarray:
+    """Return an (H, W) bool mask of a wobbly rotated ellipse covering about ``area_fraction`` of the image."""
     aspect = rng.uniform(0.55, 1.0)
-    radius = size * math.sqrt(area_fraction / (math.pi * aspect))
+    radius = math.sqrt(shape[0] * shape[1]) * math.sqrt(area_fraction / (math.pi * aspect))
     angles = np.linspace(0.0, 2 * math.pi, 72, endpoint=False)
     wobble = np.ones_like(angles)
     for harmonic in (2, 3, 5):
         wobble += rng.uniform(0.0, 0.12) * np.cos(harmonic * angles + rng.uniform(0, 2 * math.pi))
     x, y = radius * wobble * np.cos(angles), radius * aspect * wobble * np.sin(angles)
     theta = rng.uniform(0, math.pi)
-    margin = 1.4 * radius
-    centre = rng.uniform(margin, size - margin, size=2)
+    margin = np.minimum(1.4 * radius, np.asarray(shape) / 2)
+    centre = rng.uniform(margin, np.asarray(shape) - margin, size=2)
     rows = centre[0] + x * math.sin(theta) + y * math.cos(theta)
     cols = centre[1] + x * math.cos(theta) - y * math.sin(theta)
-    mask = np.zeros((size, size), dtype=bool)
+    mask = np.zeros(shape, dtype=bool)
     mask[draw.polygon(rows, cols, shape=mask.shape)] = True
     return mask
 
 
-def random_stroke(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Return an (S, S) bool mask of a 1-px wandering polyline whose length is 25-60% of the image side."""
+def random_stroke(shape: Shape, rng: np.random.Generator) -> np.ndarray:
+    """Return an (H, W) bool mask of a 1-px wandering polyline, 25-60% of the image's mean side long."""
     n_segments = int(rng.integers(4, 9))
-    step = rng.uniform(0.25, 0.6) * size / n_segments
+    step = rng.uniform(0.25, 0.6) * math.sqrt(shape[0] * shape[1]) / n_segments
     headings = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0.0, 0.35, n_segments))
     path = np.concatenate([[[0.0, 0.0]], np.cumsum(step * np.c_[np.sin(headings), np.cos(headings)], axis=0)])
-    start = rng.uniform(-path.min(axis=0), size - 1 - path.max(axis=0))  # keeps the whole stroke inside
-    points = np.clip(np.rint(start + path), 0, size - 1).astype(int)
-    mask = np.zeros((size, size), dtype=bool)
+    last = np.asarray(shape) - 1
+    low = -path.min(axis=0)
+    start = rng.uniform(low, np.maximum(low, last - path.max(axis=0)))  # keeps the stroke inside where it fits
+    points = np.clip(np.rint(start + path), 0, last).astype(int)
+    mask = np.zeros(shape, dtype=bool)
     for (r0, c0), (r1, c1) in itertools.pairwise(points):
         mask[draw.line(r0, c0, r1, c1)] = True
     return mask
 
 
-def grey_target(size: int, value: np.ndarray | float) -> np.ndarray:
-    """Broadcast a grey level (scalar or (S, S)) to an (S, S, 3) float32 target image."""
-    return np.broadcast_to(np.asarray(value, dtype=np.float32)[..., None], (size, size, 3)).astype(np.float32)
+def grey_target(shape: Shape, value: np.ndarray | float) -> np.ndarray:
+    """Broadcast a grey level (scalar or (H, W)) to an (H, W, 3) float32 target image."""
+    return np.broadcast_to(np.asarray(value, dtype=np.float32)[..., None], (*shape, 3)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- painters
-# A painter returns ``(target, alpha)``: an (S, S, 3) float32 target image in [0, 255] and an (S, S)
+# A painter returns ``(target, alpha)``: an (H, W, 3) float32 target image in [0, 255] and an (H, W)
 # float32 opacity in [0, 1]. The defective image is ``clean * (1 - alpha) + target * alpha``.
 
 
 def paint_perlin(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Localised Perlin-noise region (shape and content both from anomalib's Perlin noise)."""
-    size = clean.shape[0]
-    shape_noise = perlin_noise(size, int(rng.choice([4, 8])), rng)
-    field = (shape_noise + 1.0) * gaussian_window(size, rng, (0.08, 0.14))
+    shape = clean.shape[:2]
+    shape_noise = perlin_noise(shape, int(rng.choice([4, 8])), rng)
+    field = (shape_noise + 1.0) * gaussian_window(shape, rng, (0.08, 0.14))
     region = field >= np.quantile(field, 1.0 - rng.uniform(0.01, 0.05))
-    content = 255.0 * (0.5 + 0.5 * np.tanh(2.5 * perlin_noise(size, 16, rng)))
-    return grey_target(size, content), region * np.float32(rng.uniform(0.75, 0.95))
+    content = 255.0 * (0.5 + 0.5 * np.tanh(2.5 * perlin_noise(shape, 16, rng)))
+    return grey_target(shape, content), region * np.float32(rng.uniform(0.75, 0.95))
 
 
 def paint_scratch(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One to three thin bright or dark curved strokes."""
-    size = clean.shape[0]
-    strokes = np.zeros((size, size), dtype=bool)
+    shape = clean.shape[:2]
+    strokes = np.zeros(shape, dtype=bool)
     for _ in range(int(rng.integers(1, 4))):
-        strokes |= random_stroke(size, rng)
-    radius = size // 200
+        strokes |= random_stroke(shape, rng)
+    radius = min(shape) // 200
     if radius:
         strokes = ndimage.binary_dilation(strokes, structure=morphology.disk(radius))
     value = rng.uniform(215, 250) if rng.random() < 0.5 else rng.uniform(5, 40)
-    return grey_target(size, value), strokes * np.float32(rng.uniform(0.85, 1.0))
+    return grey_target(shape, value), strokes * np.float32(rng.uniform(0.85, 1.0))
 
 
 def paint_hole(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Dark irregular hole with a soft shadow rim fading out around it."""
-    size = clean.shape[0]
-    hole = irregular_blob(size, rng, rng.uniform(0.005, 0.035))
-    rim_width = max(1.5, size / 64)
+    shape = clean.shape[:2]
+    hole = irregular_blob(shape, rng, rng.uniform(0.005, 0.035))
+    rim_width = max(1.5, min(shape) / 64)
     distance = ndimage.distance_transform_edt(~hole).astype(np.float32)
     alpha = np.where(hole, rng.uniform(0.9, 0.97), 0.6 * np.exp(-distance / rim_width)).astype(np.float32)
     depth = rng.uniform(5, 25) + 0.08 * clean[..., 0].astype(np.float32)
-    return grey_target(size, depth), alpha
+    return grey_target(shape, depth), alpha
 
 
 def paint_stain(clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Semi-transparent brownish stain with soft edges that keeps the underlying texture visible."""
-    size = clean.shape[0]
-    blob = irregular_blob(size, rng, rng.uniform(0.01, 0.05))
-    alpha = ndimage.gaussian_filter(blob.astype(np.float32), sigma=max(1.0, size / 100)) * rng.uniform(0.5, 0.7)
+    shape = clean.shape[:2]
+    blob = irregular_blob(shape, rng, rng.uniform(0.01, 0.05))
+    alpha = ndimage.gaussian_filter(blob.astype(np.float32), sigma=max(1.0, min(shape) / 100)) * rng.uniform(0.5, 0.7)
     tint = np.array([0.55, 0.35, 0.15], dtype=np.float32) + rng.uniform(-0.05, 0.05, size=3).astype(np.float32)
     luminance = clean[..., :1].astype(np.float32) / 255.0
     return 255.0 * tint * (0.55 + 0.45 * luminance), alpha.astype(np.float32)
@@ -256,7 +284,7 @@ def render_sample(
     texture: str,
     group: str,
     index: int,
-    image_size: int = 256,
+    image_size: ImageSize = 256,
     seed: int = 0,
 ) -> DefectSample:
     """Render image ``index`` of ``<texture>/<group>`` (e.g. ``train/good``, ``test/hole``) in memory.
@@ -264,7 +292,7 @@ def render_sample(
     For ``good`` groups ``defective`` equals ``clean`` and the mask is all False.
     """
     rng = image_rng(seed, texture, group, index)
-    clean = random_view(load_photo(texture), image_size, rng)
+    clean = random_view(load_photo(texture), image_shape(image_size), rng)
     defect = group.rsplit("/", 1)[-1]
     if defect == "good":
         return DefectSample(clean, clean, np.zeros(clean.shape[:2], dtype=bool))
@@ -293,7 +321,7 @@ def _mask_name(image_name: str) -> str:
     return image_name.removesuffix(".png") + "_mask.png"
 
 
-def category_complete(category_dir: Path, files: dict[str, list[str]], image_size: int) -> bool:
+def category_complete(category_dir: Path, files: dict[str, list[str]], shape: Shape) -> bool:
     """Return True when ``category_dir`` holds exactly the planned files at the requested image size."""
     if not category_dir.is_dir():
         return False
@@ -301,10 +329,10 @@ def category_complete(category_dir: Path, files: dict[str, list[str]], image_siz
     if present != {f"{group}/{name}" for group, names in files.items() for name in names}:
         return False
     with Image.open(category_dir / "train" / "good" / files["train/good"][0]) as probe:
-        return probe.size == (image_size, image_size)
+        return probe.size == (shape[1], shape[0])
 
 
-def write_category(category_dir: Path, texture: str, files: dict[str, list[str]], image_size: int, seed: int) -> None:
+def write_category(category_dir: Path, texture: str, files: dict[str, list[str]], shape: Shape, seed: int) -> None:
     """(Re)create ``category_dir`` with every image and ground-truth mask of one texture."""
     shutil.rmtree(category_dir, ignore_errors=True)
     for group, names in files.items():
@@ -312,7 +340,7 @@ def write_category(category_dir: Path, texture: str, files: dict[str, list[str]]
             continue
         mask_dir = category_dir / group.replace("test/", "ground_truth/", 1)
         for index, name in enumerate(names):
-            sample = render_sample(texture, group, index, image_size, seed)
+            sample = render_sample(texture, group, index, shape, seed)
             save_png(category_dir / group / name, sample.defective)
             if sample.mask.any():
                 save_png(mask_dir / _mask_name(name), sample.mask.astype(np.uint8) * np.uint8(255))
@@ -344,13 +372,23 @@ def _check_int(name: str, value: int, minimum: int) -> None:
         raise ValueError(msg)
 
 
+def _check_image_size(image_size: ImageSize) -> Shape:
+    """Return ``(H, W)`` of ``image_size``, rejecting sides below MIN_IMAGE_SIZE and non-integers."""
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2:
+        for name, side in zip(("image_size height", "image_size width"), image_size, strict=True):
+            _check_int(name, side, MIN_IMAGE_SIZE)
+    else:
+        _check_int("image_size", image_size, MIN_IMAGE_SIZE)
+    return image_shape(image_size)
+
+
 # ------------------------------------------------------------------------------------------------ public
 
 
 def generate_demo_dataset(
     root: str | Path,
     textures: Sequence[str] = DEMO_TEXTURES,
-    image_size: int = 256,
+    image_size: ImageSize = 256,
     n_train: int = 64,
     n_test_good: int = 16,
     n_test_defect: int = 8,
@@ -360,12 +398,13 @@ def generate_demo_dataset(
 ) -> Path:
     """Write the demo dataset in MVTec AD layout under ``root`` (one category per texture); return ``root``.
 
-    ``n_test_defect`` is per defect type. A category that already holds exactly the planned files is kept
-    unless ``overwrite`` is True; an incomplete one is regenerated.
+    ``image_size`` is a square side or ``(height, width)``; ``n_test_defect`` is per defect type. A category
+    that already holds exactly the planned files is kept unless ``overwrite`` is True; an incomplete one is
+    regenerated.
     """
     texture_names = _as_names(textures, "texture", DEMO_TEXTURES)
     defect_names = _as_names(defects, "defect", DEFECT_TYPES)
-    _check_int("image_size", image_size, MIN_IMAGE_SIZE)
+    shape = _check_image_size(image_size)
     for name, count in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
         _check_int(name, count, 1)
     _check_int("seed", seed, 0)
@@ -374,6 +413,6 @@ def generate_demo_dataset(
     files = planned_files(n_train, n_test_good, n_test_defect, defect_names)
     for texture in texture_names:
         category_dir = root / texture
-        if overwrite or not category_complete(category_dir, files, int(image_size)):
-            write_category(category_dir, texture, files, int(image_size), int(seed))
+        if overwrite or not category_complete(category_dir, files, shape):
+            write_category(category_dir, texture, files, shape, int(seed))
     return root

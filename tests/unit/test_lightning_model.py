@@ -3,8 +3,9 @@ import math
 
 import pytest
 import torch
+from anomalib.post_processing import PostProcessor
 
-from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor
 from anomalib_cflow_plus.backbones import packaged_state_dict
 from anomalib_cflow_plus.lightning_model import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
 
@@ -35,11 +36,23 @@ def test_paper_defaults_are_constructor_arguments():
         ({"training_recipe": "adamw"}, "training_recipe"),
         ({"fiber_batch_size": 10**6}, "at most 32768"),  # 32 images x 32x32 fibers at 256 px
         ({"max_skipped_steps": 0}, "max_skipped_steps"),
+        ({"threshold": "otsu"}, "threshold must be one of"),
+        ({"normal_fpr": 1.0}, "normal_fpr must lie in"),
     ],
 )
 def test_invalid_hyper_parameters_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CflowPlus(**kwargs)
+
+
+def test_default_post_processor_takes_the_threshold_options(caplog):
+    post_processor = CflowPlus(threshold="normal", normal_fpr=0.02).post_processor
+    assert isinstance(post_processor, CflowPlusPostProcessor)
+    assert (post_processor.threshold, post_processor.normal_fpr) == ("normal", 0.02)
+    assert CflowPlus().post_processor.threshold == "auto"
+    own = PostProcessor()
+    assert CflowPlus(post_processor=own, threshold="normal").post_processor is own
+    assert "they are ignored" in caplog.text
 
 
 def test_construction_never_loads_weights():

@@ -225,3 +225,39 @@ def test_cli_writes_dataset_and_reports_counts(tmp_path: Path, capsys: pytest.Ca
     assert "ground_truth/stain=2" in output
     assert len(list((tmp_path / "gravel" / "test" / "stain").glob("*.png"))) == 2
     assert main([*argv, "--n-train", "0"]) == 2
+
+
+def test_non_square_images_keep_their_aspect_and_every_defect_fits(tmp_path: Path) -> None:
+    """``image_size=(H, W)`` writes H x W images and masks; thin scratches stay thin and inside the image."""
+    root = _generate(tmp_path, textures=["brick"], image_size=(40, 100), n_test_defect=3)
+    for path in root.rglob("*.png"):
+        assert _read(path).shape[:2] == (40, 100), path
+    for defect in DEFECT_TYPES:
+        for mask_path in (root / "brick" / "ground_truth" / defect).glob("*.png"):
+            coverage = (_read(mask_path) > 0).mean()
+            assert COVERAGE_RANGE[0] <= coverage <= COVERAGE_RANGE[1], (mask_path, coverage)
+    # a long image is a crop at its own aspect, not a squeezed square: good images differ along their width
+    image = _read(root / "brick" / "train" / "good" / "000.png").astype(float)
+    assert np.abs(image[:, :50] - image[:, 50:]).mean() > 1
+
+
+def test_square_size_given_as_a_pair_is_the_same_dataset(tmp_path: Path) -> None:
+    """``(S, S)`` and ``S`` write byte-identical files."""
+    assert _snapshot(_generate(tmp_path / "a", image_size=48)) == _snapshot(
+        _generate(tmp_path / "b", image_size=(48, 48))
+    )
+
+
+@pytest.mark.parametrize(("text", "expected"), [("256", 256), ("256x640", (256, 640)), ("128X96", (128, 96))])
+def test_cli_parses_image_size(text: str, expected: object) -> None:
+    from anomalib_cflow_plus.data.__main__ import parse_image_size
+
+    assert parse_image_size(text) == expected
+
+
+def test_cli_rejects_a_malformed_image_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--root", str(tmp_path), "--image-size", "256x"])
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+    assert main(["--root", str(tmp_path), "--image-size", "64x16", "--n-train", "1"]) == 2
+    assert "image_size width must be an integer >= 32" in capsys.readouterr().err
