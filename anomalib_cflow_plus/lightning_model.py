@@ -504,12 +504,17 @@ def _world_size() -> int:
 
 
 def _resize_size(pre_processor: object) -> tuple[int, int] | None:
-    """``(H, W)`` of the first fixed-size ``Resize`` in a pre-processor's transform, if any."""
+    """``(H, W)`` that a pre-processor's first ``Resize`` gives every image, or ``None`` when it is not fixed.
+
+    ``Resize((H, W))`` gives ``(H, W)``. ``Resize(S)`` (or ``Resize([S])``) scales the *shorter* edge to ``S``
+    and keeps the aspect ratio, so the size depends on the image: ``None``.
+    """
     transform = getattr(pre_processor, "transform", None)
     transforms = getattr(transform, "transforms", [transform])
     for step in transforms:
-        size = getattr(step, "size", None)
-        if isinstance(step, Resize) and size is not None:
-            size = list(size) if isinstance(size, Sequence) else [size]
-            return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+        if isinstance(step, Resize):
+            size = step.size
+            if isinstance(size, Sequence) and len(size) == 2:
+                return int(size[0]), int(size[1])
+            return None
     return None

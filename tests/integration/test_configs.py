@@ -38,7 +38,7 @@ class Expected:
 
     backbone: str
     strides: tuple[int, ...]
-    image_size: int
+    image_size: tuple[int, int]  # (height, width)
     data: str
     category: str
     paper_flow: bool = True
@@ -46,9 +46,12 @@ class Expected:
 
 STRIDES = {"wide_resnet50_2": (4, 8, 16), "efficientnet_lite0": (8, 16, 32), "efficientnet_lite1": (8, 16, 32)}
 OTHER_CONFIGS = {
-    "demo.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], 256, "MVTecAD", "brick", False),
-    "folder.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], 256, "Folder", "", False),
-    "visa.yaml": Expected("wide_resnet50_2", STRIDES["wide_resnet50_2"], 256, "Visa", "pcb1"),
+    "demo.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], (256, 256), "MVTecAD", "brick", False),
+    "folder.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], (256, 256), "Folder", "", False),
+    "folder_long_parts.yaml": Expected(
+        "efficientnet_lite1", STRIDES["efficientnet_lite1"], (512, 1280), "Folder", "", False
+    ),
+    "visa.yaml": Expected("wide_resnet50_2", STRIDES["wide_resnet50_2"], (256, 256), "Visa", "pcb1"),
 }
 
 
@@ -57,7 +60,8 @@ def expected(path: Path) -> Expected:
     relative = path.relative_to(CONFIG_DIR)
     if relative.parts[0] == "mvtec":
         backbone, category = relative.parts[1], relative.stem
-        return Expected(backbone, STRIDES[backbone], PAPER_IMAGE_SIZE[category], "MVTecAD", category)
+        size = PAPER_IMAGE_SIZE[category]
+        return Expected(backbone, STRIDES[backbone], (size, size), "MVTecAD", category)
     return OTHER_CONFIGS[relative.as_posix()]
 
 
@@ -121,7 +125,7 @@ def test_config_parses_and_builds_its_model(path: Path, tmp_path: Path):
     steps = transform_steps(model)
     resizes = [step for step in steps if isinstance(step, v2.Resize)]
     normalizes = [step for step in steps if isinstance(step, v2.Normalize)]
-    assert len(resizes) == 1 and list(resizes[0].size) == [want.image_size, want.image_size]
+    assert len(resizes) == 1 and tuple(resizes[0].size) == want.image_size
     assert len(normalizes) == 1 and steps.index(resizes[0]) < steps.index(normalizes[0])
     assert list(normalizes[0].mean) == IMAGENET_MEAN and list(normalizes[0].std) == IMAGENET_STD
 
@@ -146,3 +150,16 @@ def test_config_resolution_reaches_the_anomaly_map(category: str, tmp_path: Path
         output = model(torch.rand(1, 3, 200, 300))
     size = PAPER_IMAGE_SIZE[category]
     assert output.anomaly_map.shape == (1, 1, size, size)
+
+
+def test_long_parts_config_keeps_the_aspect_ratio(tmp_path: Path):
+    """A 2:5 frame comes out as a 512 x 1280 map, with the thresholds set from good images when no defect is seen."""
+    from anomalib_cflow_plus import CflowPlusPostProcessor
+
+    cli = parse(CONFIG_DIR / "folder_long_parts.yaml", tmp_path)
+    model = cli.model.eval()
+    assert isinstance(model.post_processor, CflowPlusPostProcessor)
+    assert (model.post_processor.threshold, model.post_processor.normal_fpr) == ("auto", 0.01)
+    with torch.no_grad():
+        output = model(torch.rand(1, 3, 410, 1024))
+    assert output.anomaly_map.shape == (1, 1, 512, 1280)
