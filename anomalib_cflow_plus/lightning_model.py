@@ -39,7 +39,7 @@ from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
-from .torch_model import CflowPlusModel
+from .torch_model import CflowPlusModel, TileCondition
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         image_score: ``"combined"`` (default), ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
             ``"layer_max"`` (each layer's most anomalous position, averaged over layers); see
             :class:`~.anomaly_map.AnomalyMapGenerator`. ``benchmarks/README.md`` has the study that chose it.
+        tile_condition: With anomalib's ``TilerConfigurationCallback``: ``"image"`` conditions every fiber on
+            its position in the whole image (the tiles' features are stitched first), ``"tile"`` on its position
+            within its tile. See :class:`~.torch_model.CflowPlusModel`.
         threshold: How the default post-processor learns its thresholds on the validation split: ``"auto"``
             (default): anomalib's F1-adaptive thresholds when the split holds defective images, otherwise
             ``"normal"``; ``"normal"``: from good images only, for a false-positive rate of ``normal_fpr``;
@@ -130,6 +133,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
         image_score: ImageScore = "combined",
+        tile_condition: TileCondition = "image",
         threshold: ThresholdMode = "auto",
         normal_fpr: float = 0.01,
         pre_processor: PreProcessor | bool = True,
@@ -178,6 +182,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             top_k_percent=top_k_percent,
             score_mode=score_mode,
             image_score=image_score,
+            tile_condition=tile_condition,
         )
         self.backbone = backbone
         self.pre_trained = pre_trained
@@ -293,7 +298,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         generator = self._fiber_generator(batch_idx)
         plan = fiber_plan(
             [condition.grid_size for condition in conditions],
-            len(batch.image),
+            len(features[0]),  # images, or tiles of them
             self.fiber_batch_size,
             joint_layers=joint_layers,
             generator=generator,

@@ -6,10 +6,12 @@ Pure PyTorch; nothing here depends on Lightning.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import timm
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
@@ -17,6 +19,8 @@ from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .flow import FiberActNorm, build_decoder, log_likelihood
 
+TileCondition = Literal["image", "tile"]
+TILE_CONDITIONS: tuple[str, ...] = ("image", "tile")
 # Families whose shallow stride-4 features are too thin to help; they use strides 8/16/32.
 _DEEP_DEFAULT_FAMILIES = ("efficientnet", "mobilenet", "tf_efficientnet")
 
@@ -68,6 +72,15 @@ class CflowPlusModel(nn.Module):
         top_k_percent: Share of map pixels averaged into the image score (0: the max).
         score_mode: ``"paper"`` or ``"zscore"``, see :class:`AnomalyMapGenerator`.
         image_score: ``"combined"``, ``"map"`` or ``"layer_max"``, see :class:`AnomalyMapGenerator`.
+        tile_condition: With anomalib's tiler (``tiler``, set by ``TilerConfigurationCallback``): ``"image"``
+            (default) stitches the tiles' features back into the whole image's feature maps, so every fiber is
+            conditioned on its position in the whole image; ``"tile"`` scores each tile on its own, conditioned on
+            positions within the tile, and stitches the log-likelihood maps. ``benchmarks/README.md`` (tiling)
+            has the measurement that chose the default.
+
+    Attributes:
+        tiler: anomalib's :class:`~anomalib.data.utils.tiler.Tiler`, or ``None`` (no tiling). Its tile size and
+            stride must be multiples of the encoder's largest stride, so that tiles' feature maps line up.
 
     """
 
@@ -82,8 +95,12 @@ class CflowPlusModel(nn.Module):
         top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
         image_score: ImageScore = "combined",
+        tile_condition: TileCondition = "image",
     ) -> None:
         super().__init__()
+        if tile_condition not in TILE_CONDITIONS:
+            msg = f"tile_condition must be one of {TILE_CONDITIONS}, got {tile_condition!r}."
+            raise ValueError(msg)
         check_condition_dim(condition_vector)
         if coupling_blocks < 1:
             msg = f"coupling_blocks must be >= 1, got {coupling_blocks}."
@@ -107,6 +124,30 @@ class CflowPlusModel(nn.Module):
             for index, channels in enumerate(self.encoder.out_dims)
         )
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
+        self.tile_condition = tile_condition
+        self._tiler: Tiler | None = None
+
+    @property
+    def tiler(self) -> Tiler | None:
+        """The tiler (anomalib's), or ``None``; ``TilerConfigurationCallback`` sets it."""
+        return self._tiler
+
+    @tiler.setter
+    def tiler(self, tiler: Tiler | None) -> None:
+        if tiler is not None:
+            stride = max(self.encoder.feature_extractor.feature_info.reduction())
+            sizes = (tiler.tile_size_h, tiler.tile_size_w, tiler.stride_h, tiler.stride_w)
+            if any(size % stride for size in sizes) or tiler.remove_border_count:
+                msg = (
+                    f"Tile size and stride must be multiples of the encoder's stride {stride}, with no border removed "
+                    f"(got tile {tiler.tile_size_h}x{tiler.tile_size_w}, stride {tiler.stride_h}x{tiler.stride_w}, "
+                    f"remove_border_count {tiler.remove_border_count}), so that the tiles' feature maps line up."
+                )
+                raise ValueError(msg)
+            if tiler.mode != ImageUpscaleMode.PADDING:
+                msg = f"CflowPlus tiles with ImageUpscaleMode.PADDING only, got {tiler.mode}."
+                raise ValueError(msg)
+        self._tiler = tiler
 
     def train(self, mode: bool = True) -> CflowPlusModel:
         """Switch the decoders' mode; the encoder stays in eval mode, so its BatchNorm never moves."""
@@ -121,8 +162,17 @@ class CflowPlusModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Frozen features: images ``(B, 3, H, W)`` -> L tensors ``(B, C_l, h_l, w_l)``."""
-        return list(self.encoder(images).values())
+        """Frozen features: images ``(B, 3, H, W)`` -> L tensors ``(B, C_l, h_l, w_l)``.
+
+        With a tiler, the encoder sees tiles. ``tile_condition="image"`` stitches their features into the
+        whole image's maps ``(B, C_l, h_l, w_l)``; ``"tile"`` returns them per tile, ``(B * T, C_l, h_l, w_l)``.
+        """
+        if self.tiler is None:
+            return list(self.encoder(images).values())
+        features = list(self.encoder(self.tiler.tile(images)).values())
+        if self.tile_condition == "tile":
+            return features
+        return [self.tiler.untile(layer_features) for layer_features in features]
 
     def condition(self, height: int, width: int, reference: torch.Tensor) -> GridCondition:
         """Separable positional condition of every position of an ``height x width`` map.
@@ -173,5 +223,7 @@ class CflowPlusModel(nn.Module):
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
         maps = self.log_likelihood_maps(self.encode(images))
+        if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')
+            maps = [self.tiler.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
         anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 
 from anomalib_cflow_plus.condition import positional_encoding_2d
 from anomalib_cflow_plus.torch_model import CflowPlusModel, feature_levels, resolve_layers
@@ -87,7 +88,12 @@ def test_unknown_backbone_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"condition_vector": 126}, "multiple of 4"), ({"coupling_blocks": 0}, "coupling_blocks")]
+    ("kwargs", "match"),
+    [
+        ({"condition_vector": 126}, "multiple of 4"),
+        ({"coupling_blocks": 0}, "coupling_blocks"),
+        ({"tile_condition": "global"}, "tile_condition must be one of"),
+    ],
 )
 def test_invalid_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -106,3 +112,72 @@ def test_encoder_runs_channels_last_and_fibers_are_views():
     features = model.encode(torch.rand(2, 3, 64, 64))
     fibers, _ = model.fibers(features[0])
     assert fibers.is_contiguous() and fibers.data_ptr() == features[0].data_ptr()
+
+
+@pytest.fixture
+def tiled(model):
+    """The module's model with a tiler set for one test, then removed."""
+
+    def configure(tile_size, stride, condition="image"):
+        model.tiler = Tiler(tile_size=tile_size, stride=stride)
+        model.tile_condition = condition
+        return model
+
+    yield configure
+    model.tiler = None
+    model.tile_condition = "image"
+
+
+@pytest.mark.parametrize("condition", ["image", "tile"])
+def test_one_tile_covering_the_image_changes_nothing(model, tiled, condition):
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    expected = model(images)
+    tiled((64, 96), (64, 96), condition)
+    actual = model(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)
+    torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map)
+
+
+def test_image_condition_stitches_tile_features_into_the_whole_grid(model, tiled):
+    images = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(3))
+    whole = model.encode(images)
+    tiled(64, 64, "image")
+    stitched = model.encode(images)
+    assert [f.shape for f in stitched] == [f.shape for f in whole]  # (2, C_l, 128 / s_l, 192 / s_l)
+    # each tile's features are the encoder's features of that crop, at that crop's place in the grid
+    crop = model.encoder(images[:, :, 64:128, 128:192])
+    for layer, (tile_features, stride) in enumerate(zip(crop.values(), (8, 16, 32), strict=True)):
+        rows, cols = slice(64 // stride, 128 // stride), slice(128 // stride, 192 // stride)
+        torch.testing.assert_close(stitched[layer][:, :, rows, cols], tile_features)
+    output = model(images)
+    assert output.anomaly_map.shape == (2, 1, 128, 192)
+
+
+def test_tile_condition_scores_tiles_alone_and_stitches_their_maps(model, tiled):
+    images = torch.randn(2, 3, 128, 192, generator=torch.Generator().manual_seed(4))
+    tiled(64, 64, "tile")
+    assert [f.shape[0] for f in model.encode(images)] == [12] * 3  # 2 images x 2 x 3 tiles
+    output = model(images)
+    assert output.anomaly_map.shape == (2, 1, 128, 192)
+    # the bottom-right tile's log-likelihoods are those of the crop scored alone
+    maps = model.log_likelihood_maps(list(model.encoder(images[:, :, 64:, 128:]).values()))
+    tile_maps = model.log_likelihood_maps(model.encode(images))
+    torch.testing.assert_close(tile_maps[0].reshape(2, 6, 8, 8)[:, 5], maps[0])
+    # batch independence holds with tiles
+    alone = model(images[1:])
+    torch.testing.assert_close(alone.pred_score[0], output.pred_score[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("tiler", "match"),
+    [
+        (Tiler(tile_size=100, stride=100), "multiples of the encoder's stride 32"),
+        (Tiler(tile_size=64, stride=48), "multiples of the encoder's stride 32"),
+        (Tiler(tile_size=64, stride=64, remove_border_count=2), "no border removed"),
+        (Tiler(tile_size=64, stride=64, mode=ImageUpscaleMode.INTERPOLATION), "PADDING only"),
+    ],
+)
+def test_a_tiler_whose_tiles_cannot_line_up_is_refused(model, tiler, match):
+    with pytest.raises(ValueError, match=match):
+        model.tiler = tiler
+    assert model.tiler is None
