@@ -1,4 +1,4 @@
-"""Shared helpers of the real-data benchmark and studies: data sets, metrics from arrays, memory, caching.
+"""Shared helpers of the real-data benchmark and studies: data sets, metrics from arrays, caching.
 
 ``real_data.py`` (the side-by-side benchmark) and ``real_studies.py`` (the studies that set CflowPlus's
 defaults) both use these; nothing here trains a model.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,10 @@ DEFAULT_REALDEV_ROOT = REPO_ROOT.parent / "shared" / "realdev"
 DEMO_ROOT = OUT_DIR / "demo_real_data"
 DEMO_SETTINGS: dict[str, int] = {"image_size": 256, "n_train": 64, "n_test_good": 16, "n_test_defect": 8}
 DEMO_PREFIX = "demo/"
+# The demo textures drawn at 512 px, for the input-size and tiling studies: the 256-px set would only be upsampled.
+DEMO_512_ROOT = OUT_DIR / "demo_512"
+DEMO_512_SETTINGS: dict[str, int] = {"image_size": 512, "n_train": 32, "n_test_good": 12, "n_test_defect": 4}
+DEMO_512_PREFIX = "demo512/"
 
 
 def real_categories(data_root: Path) -> list[str]:
@@ -35,14 +38,19 @@ def real_categories(data_root: Path) -> list[str]:
     )
 
 
-def ensure_demo_data(textures: Sequence[str] = DEMO_TEXTURES, root: Path = DEMO_ROOT) -> Path:
+def ensure_demo_data(
+    textures: Sequence[str] = DEMO_TEXTURES, root: Path = DEMO_ROOT, settings: dict[str, int] = DEMO_SETTINGS
+) -> Path:
     """Write the demo textures (once; the generator skips complete categories) and return their root."""
-    generate_demo_dataset(root, textures=list(textures), **DEMO_SETTINGS)
+    generate_demo_dataset(root, textures=list(textures), **settings)
     return root
 
 
 def dataset_location(name: str, data_root: Path) -> tuple[Path, str]:
-    """``(root, category)`` of a data set name: ``demo/<texture>`` or a category of ``data_root``."""
+    """``(root, category)`` of a data set: ``demo/<texture>``, ``demo512/<texture>`` or a category of ``data_root``."""
+    if name.startswith(DEMO_512_PREFIX):
+        texture = name.removeprefix(DEMO_512_PREFIX)
+        return ensure_demo_data([texture], DEMO_512_ROOT, DEMO_512_SETTINGS), texture
     if name.startswith(DEMO_PREFIX):
         texture = name.removeprefix(DEMO_PREFIX)
         return ensure_demo_data([texture]), texture
@@ -51,7 +59,7 @@ def dataset_location(name: str, data_root: Path) -> tuple[Path, str]:
 
 def is_real(name: str) -> bool:
     """Whether a data set name is a real category (not a demo texture)."""
-    return not name.startswith(DEMO_PREFIX)
+    return not name.startswith((DEMO_PREFIX, DEMO_512_PREFIX))
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -95,11 +103,6 @@ def format_spread(summary: dict[str, float], digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-
-
-def process_peak_rss_mb() -> float:
-    """Peak resident set size of this process (``ru_maxrss``), in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ----------------------------------------------------------------------------------------------- caching

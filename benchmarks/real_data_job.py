@@ -23,14 +23,16 @@ from unittest import mock
 
 import timm
 import torch
+from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models import Cflow, Fastflow, Patchcore
 from anomalib.models.components import AnomalibModule
 from backbones import extract_metrics
-from harness import dataset_location, process_peak_rss_mb
+from harness import dataset_location
 from lightning.pytorch import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
+from memory import process_peak_rss_mb
 from torch import nn
 
 from anomalib_cflow_plus import CflowPlus
@@ -53,14 +55,16 @@ def build_model(spec: dict[str, Any]) -> tuple[AnomalibModule, nn.Module, str]:
     8/16/32), PatchCore ``layer2..3`` (8/16), FastFlow ``out_indices=[1, 2, 3]`` (4/8/16).
     """
     backbone, size = spec["backbone"], spec["image_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
     common = {
-        "pre_processor": AnomalibModule.configure_pre_processor((size, size)),
+        "pre_processor": AnomalibModule.configure_pre_processor(size),
         "evaluator": CflowPlus.configure_evaluator(),
     }
     name = spec["model"]
     if name.startswith("CflowPlus"):
         recipe = "paper" if "paper" in name else "fast"
         kwargs = {"training_recipe": recipe} if recipe == "paper" else {}
+        kwargs |= spec.get("model_kwargs", {})
         model = CflowPlus(backbone=backbone, pre_trained=False, **kwargs, **common)
         return model, model.model.encoder.feature_extractor, ",".join(model.model.layers)
     if name == "Cflow":
@@ -112,8 +116,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         samples = datamodule.train_data.samples
         picked = torch.linspace(0, len(samples) - 1, limit).round().long().tolist()
         datamodule.train_data.samples = samples.iloc[picked].reset_index(drop=True)
+    tile = spec.get("tile")  # [tile size, stride] for anomalib's tiler
+    callbacks = [TilerConfigurationCallback(enable=True, tile_size=tile[0], stride=tile[1])] if tile else []
     with tempfile.TemporaryDirectory() as run_dir:
         engine = Engine(
+            callbacks=callbacks,
             logger=False,
             max_epochs=spec["epochs"],
             accelerator="cpu",
