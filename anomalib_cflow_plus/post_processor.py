@@ -56,11 +56,20 @@ class NormalScores(Metric):
         if batch.anomaly_map is not None:
             self.map_maxima.append(batch.anomaly_map.detach().flatten(start_dim=1).amax(dim=1)[good].float())
 
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scores (N,), map_maxima (N,))`` of the good images (``map_maxima`` empty without maps)."""
-        scores = dim_zero_cat(self.scores) if self.scores else torch.empty(0, device=self.anomalous.device)
-        maxima = dim_zero_cat(self.map_maxima) if self.map_maxima else torch.empty(0, device=scores.device)
-        return scores, maxima
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Return the good images' ``scores (N,)`` and ``map_maxima (N,)`` (empty without maps), and the defect count.
+
+        Under DDP the states are synced for this call only (a list state is then one concatenated tensor), so
+        everything that needs every process's images is read here.
+        """
+        return _concatenated(self.scores), _concatenated(self.map_maxima), int(self.anomalous)
+
+
+def _concatenated(state: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Return a ``cat`` list state as one tensor ``(N,)``, empty when nothing was added."""
+    if isinstance(state, torch.Tensor):
+        return state.flatten()
+    return dim_zero_cat(state) if state else torch.empty(0)
 
 
 class CflowPlusPostProcessor(PostProcessor):
@@ -117,8 +126,7 @@ class CflowPlusPostProcessor(PostProcessor):
         super().on_validation_epoch_end(trainer, pl_module)
         if not collected:
             return
-        scores, map_maxima = self._normal_scores.compute()
-        anomalous = int(self._normal_scores.anomalous)
+        scores, map_maxima, anomalous = self._normal_scores.compute()
         self._normal_scores.reset()
         if self.threshold == "f1" or (self.threshold == "auto" and anomalous > 0):
             if anomalous == 0:
