@@ -47,7 +47,7 @@ class Expected:
 STRIDES = {"wide_resnet50_2": (4, 8, 16), "efficientnet_lite0": (8, 16, 32), "efficientnet_lite1": (8, 16, 32)}
 OTHER_CONFIGS = {
     "demo.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], (256, 256), "MVTecAD", "brick", False),
-    "folder.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], (256, 256), "Folder", "", False),
+    "folder.yaml": Expected("efficientnet_lite1", STRIDES["efficientnet_lite1"], (512, 512), "Folder", "", False),
     "folder_long_parts.yaml": Expected(
         "efficientnet_lite1", STRIDES["efficientnet_lite1"], (512, 1280), "Folder", "", False
     ),
