@@ -5,7 +5,7 @@ Per data set: CflowPlus is fitted with a validation split of good training image
 learned on that split by ``threshold="normal"`` (at several ``normal_fpr``) and by anomalib's own
 ``PostProcessor`` (F1-adaptive), and the labels are scored on the test split: image F1, the false-positive rate on
 its good images and the recall on its defective ones. One fit per data set; each post-processor relearns its
-thresholds with ``Engine.validate`` on the same split.
+thresholds with ``Engine.validate`` (a fresh engine each) on the same split.
 
 Usage::
 
@@ -76,7 +76,12 @@ def run(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str
         }
         post_processors["anomalib F1 (default PostProcessor)"] = PostProcessor()
         for name, post_processor in post_processors.items():
+            # A fresh engine per post-processor: Lightning keeps a trainer's callbacks of other types, so a reused
+            # trainer would run the previous post-processor too.
             model.post_processor = post_processor
+            engine = Engine(
+                accelerator="cpu", devices=1, logger=False, default_root_dir=work, enable_progress_bar=False
+            )
             engine.validate(model, datamodule=datamodule, verbose=False)
             figures[name] = label_figures(model, engine, datamodule)
     figures["validation images"] = {"count": len(datamodule.val_data)}

@@ -60,6 +60,11 @@ def fitted(good_only_validation, tmp_path_factory):
     return model, engine
 
 
+def fresh_engine(tmp_path):
+    """An engine for a model whose post-processor was swapped: a reused trainer would keep running the old one."""
+    return Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
+
+
 def labels_on_test(model, engine, datamodule):
     """``(pred_label, gt_label)`` over the test split, post-processed by the model's post-processor."""
     batches = engine.predict(model, dataloaders=datamodule.test_dataloader())
@@ -104,21 +109,24 @@ def raw_validation_scores(model, datamodule):
         )
 
 
-def test_anomalib_default_on_the_same_split_takes_the_highest_good_score(fitted, good_only_validation, caplog):
+def test_anomalib_default_on_the_same_split_takes_the_highest_good_score(
+    fitted, good_only_validation, caplog, tmp_path
+):
     """anomalib's F1 threshold, with no defect to find, falls back to the highest good validation score.
 
     Its false-positive rate is then whatever the split's size makes it (about ``1 / (N + 1)``), and cannot be
     chosen. ``threshold="f1"`` says so in a warning.
     """
-    model, engine = fitted
+    model, _ = fitted
     original = model.post_processor
     try:
         model.post_processor = CflowPlusPostProcessor(threshold="f1")
         with caplog.at_level(logging.WARNING):
-            engine.validate(model, datamodule=good_only_validation)
+            fresh_engine(tmp_path).validate(model, datamodule=good_only_validation)
         assert "holds no defective image" in caplog.text
         plain = PostProcessor()
         model.post_processor = plain
+        engine = fresh_engine(tmp_path)
         engine.validate(model, datamodule=good_only_validation)
         scores = raw_validation_scores(model, good_only_validation)
         torch.testing.assert_close(plain.image_threshold, scores.max())
@@ -127,12 +135,13 @@ def test_anomalib_default_on_the_same_split_takes_the_highest_good_score(fitted,
         model.post_processor = original
 
 
-def test_normal_fpr_sets_the_false_positive_rate(fitted, good_only_validation):
+def test_normal_fpr_sets_the_false_positive_rate(fitted, good_only_validation, tmp_path):
     """A higher target rate lowers the threshold: more good images flagged, in proportion."""
-    model, engine = fitted
+    model, _ = fitted
     original = model.post_processor
     try:
         model.post_processor = CflowPlusPostProcessor(threshold="normal", normal_fpr=0.3)
+        engine = fresh_engine(tmp_path)
         engine.validate(model, datamodule=good_only_validation)
         scores = raw_validation_scores(model, good_only_validation)
         torch.testing.assert_close(model.post_processor.image_threshold, torch.quantile(scores, 0.7))
