@@ -5,6 +5,7 @@ Pure PyTorch; nothing here depends on Lightning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -172,7 +173,17 @@ class CflowPlusModel(nn.Module):
         features = list(self.encoder(self.tiler.tile(images)).values())
         if self.tile_condition == "tile":
             return features
-        return [self.tiler.untile(layer_features) for layer_features in features]
+        return [self.untile(layer_features) for layer_features in features]
+
+    def untile(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Stitch per-tile maps ``(B * T, C, h_t, w_t)`` into the whole image's ``(B, C, h, w)``.
+
+        The tiler pads an image whose size does not fit its tiles; the part of the map over that padding is cut
+        off, so that the map covers the image alone and upsamples onto it without a shift.
+        """
+        scale_h, scale_w = tiles.shape[-2] / self.tiler.tile_size_h, tiles.shape[-1] / self.tiler.tile_size_w
+        whole = self.tiler.untile(tiles)
+        return whole[..., : math.ceil(self.tiler.input_h * scale_h), : math.ceil(self.tiler.input_w * scale_w)]
 
     def condition(self, height: int, width: int, reference: torch.Tensor) -> GridCondition:
         """Separable positional condition of every position of an ``height x width`` map.
@@ -224,6 +235,6 @@ class CflowPlusModel(nn.Module):
         """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
         maps = self.log_likelihood_maps(self.encode(images))
         if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')
-            maps = [self.tiler.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
+            maps = [self.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
         anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

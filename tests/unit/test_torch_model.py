@@ -168,6 +168,21 @@ def test_tile_condition_scores_tiles_alone_and_stitches_their_maps(model, tiled)
     torch.testing.assert_close(alone.pred_score[0], output.pred_score[1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("condition", ["image", "tile"])
+def test_padding_of_tiles_that_do_not_fit_is_cut_off(model, tiled, condition):
+    """160 x 224 in 64-px tiles is padded to 192 x 256; the maps cover the image alone, as without tiles."""
+    images = torch.randn(1, 3, 160, 224, generator=torch.Generator().manual_seed(5))
+    whole = [f.shape[-2:] for f in model.encode(images)]
+    tiled(64, 64, condition)
+    if condition == "image":
+        assert [f.shape[-2:] for f in model.encode(images)] == whole  # (20, 28), (10, 14), (5, 7)
+    maps = model.log_likelihood_maps(model.encode(images))
+    if condition == "tile":
+        maps = [model.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
+    assert [m.shape[-2:] for m in maps] == whole
+    assert model(images).anomaly_map.shape == (1, 1, 160, 224)
+
+
 @pytest.mark.parametrize(
     ("tiler", "match"),
     [
