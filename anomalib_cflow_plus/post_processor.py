@@ -2,9 +2,10 @@
 
 anomalib's :class:`~anomalib.post_processing.PostProcessor` learns its thresholds on the validation split by
 maximizing F1. On a validation split of good images only, the usual case on a production line, F1 has no
-defect to find: the threshold lands on the lowest score and every image is labelled anomalous (anomalib
-#2433, #2669). :class:`CflowPlusPostProcessor` then takes each threshold as a quantile of the good images'
-scores instead, for a target false-positive rate. The thresholds are buffers, as anomalib's are, so
+defect to find: older anomalib versions put the threshold on the lowest score (anomalib #2433, #2669), and
+anomalib 2.7 falls back to the highest good score, whose false-positive rate nobody chose.
+:class:`CflowPlusPostProcessor` then takes each threshold as a quantile of the good images' scores instead, for a
+target false-positive rate. The thresholds are buffers, as anomalib's are, so
 checkpoints and exported graphs carry them, and ``pred_label``, ``pred_mask`` and the normalization
 (threshold at 0.5) work in OpenVINO with no defective image ever seen.
 """
@@ -131,10 +132,10 @@ class CflowPlusPostProcessor(PostProcessor):
         if self.threshold == "f1" or (self.threshold == "auto" and anomalous > 0):
             if anomalous == 0:
                 logger.warning(
-                    "The validation split holds no defective image, so anomalib's F1-adaptive threshold is "
-                    "meaningless: it sits on the lowest validation score, and nearly every image will be labelled "
-                    "anomalous. Use threshold='normal' (or 'auto') to set it from good images for a target "
-                    "false-positive rate."
+                    "The validation split holds no defective image, so anomalib's F1-adaptive threshold has nothing "
+                    "to maximize: it falls back to the highest validation score, and its false-positive rate is "
+                    "whatever the split's size makes it. Use threshold='normal' (or 'auto') to set it from good "
+                    "images for a target false-positive rate."
                 )
             return
         self.set_normal_thresholds(scores, map_maxima)
