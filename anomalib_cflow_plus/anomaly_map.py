@@ -15,6 +15,8 @@ from kornia.filters import GaussianBlur2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from .errors import ConfigurationError
+
 ScoreMode = Literal["paper", "zscore"]
 SCORE_MODES: tuple[str, ...] = ("paper", "zscore")
 ImageScore = Literal["combined", "map", "layer_max"]
@@ -107,16 +109,16 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         if score_mode not in SCORE_MODES:
             msg = f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if image_score not in IMAGE_SCORES:
             msg = f"image_score must be one of {IMAGE_SCORES}, got {image_score!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if not 0.0 <= top_k_percent <= 100.0:
             msg = f"top_k_percent must lie in [0, 100], got {top_k_percent}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if sigma < 0:
             msg = f"sigma must be >= 0, got {sigma}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         self.score_mode = score_mode
         self.top_k_percent = top_k_percent
         self.image_score_mode = image_score

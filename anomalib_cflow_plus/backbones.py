@@ -21,8 +21,10 @@ import torch
 from timm.models import PretrainedCfg
 from torch import Tensor, nn
 
+from .errors import CflowPlusError
 
-class BackboneWeightsError(RuntimeError):
+
+class BackboneWeightsError(CflowPlusError, RuntimeError):
     """Pretrained encoder weights could not be found, loaded or matched to the model."""
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from .seeding import global_seed
 
 if TYPE_CHECKING:
     from .lightning_model import CflowPlus
@@ -75,10 +76,10 @@ class EpochSeedCallback(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Seed the epoch, as if its dataloader iterator were created after this hook."""
         del pl_module
-        seed = os.environ.get("PL_GLOBAL_SEED")
+        seed = global_seed()
         if seed is None:
             return
-        torch.manual_seed(int(seed) + trainer.current_epoch)
+        torch.manual_seed(seed + trainer.current_epoch)
         if self.first_epoch_of_fit:
             torch.empty((), dtype=torch.int64).random_()  # the draw the iterator's creation makes
         self.first_epoch_of_fit = False

@@ -7,12 +7,14 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import ConfigurationError
+
 
 def check_condition_dim(condition_dim: int) -> None:
     """Raise a ``ValueError`` unless ``condition_dim`` is a positive multiple of 4 (sin/cos for rows and columns)."""
     if condition_dim <= 0 or condition_dim % 4:
         msg = f"condition_vector must be a positive multiple of 4, got {condition_dim}."
-        raise ValueError(msg)
+        raise ConfigurationError(msg)
 
 
 def positional_encoding_1d(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -25,6 +25,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.parallel import DistributedDataParallel
@@ -35,10 +36,13 @@ from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
+from .data.layout import check_masks, report_skipped_files
+from .errors import ConfigurationError
 from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
+from .seeding import apply_cli_seed, fiber_seed, global_seed
 from .torch_model import CflowPlusModel, TileCondition
 
 logger = logging.getLogger(__name__)
@@ -143,7 +147,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
     ) -> None:
         if threshold not in THRESHOLD_MODES:
             msg = f"threshold must be one of {THRESHOLD_MODES}, got {threshold!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if post_processor is True:
             post_processor = CflowPlusPostProcessor(threshold=threshold, normal_fpr=normal_fpr)
         elif (threshold, normal_fpr) != ("auto", 0.01):
@@ -156,22 +160,22 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         )
         if training_recipe not in TRAINING_RECIPES:
             msg = f"training_recipe must be one of {sorted(TRAINING_RECIPES)}, got {training_recipe!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         recipe = TRAINING_RECIPES[training_recipe]
         fiber_batch_size = recipe.fiber_batch_size if fiber_batch_size is None else fiber_batch_size
         lr = recipe.lr if lr is None else lr
         if fiber_batch_size < 1:
             msg = f"fiber_batch_size must be >= 1, got {fiber_batch_size}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if lr <= 0:
             msg = f"lr must be > 0, got {lr}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if max_skipped_steps < 1:
             msg = f"max_skipped_steps must be >= 1, got {max_skipped_steps}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if not 0.0 <= warmup_fraction < 1.0:
             msg = f"warmup_fraction must lie in [0, 1), got {warmup_fraction}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         self.model = CflowPlusModel(
             backbone=backbone,
             layers=layers,
@@ -197,6 +201,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.automatic_optimization = False
+        self._cli_seed_applied = False
+        self._resumed_from: Path | None = None  # the checkpoint this model's fit resumed from
 
     @property
     def learning_type(self) -> LearningType:
@@ -209,16 +215,23 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0}
 
     def configure_callbacks(self) -> list[Callback]:
-        """Return anomalib's component callbacks, calibration, per-epoch seeding, the data check and the report."""
-        callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, Sequence) else [callbacks]
-        return [
-            *callbacks,
+        """Return anomalib's component callbacks, calibration, per-epoch seeding, the data check and the report.
+
+        Those of a type the trainer holds already (from this model's previous stage, e.g. the fit before
+        ``Engine.train``'s test, or passed by the user) are left out, so that they keep their state and Lightning
+        has nothing to override.
+        """
+        components = super().configure_callbacks()
+        components = list(components) if isinstance(components, Sequence) else [components]
+        callbacks = [
+            *components,
             CalibrationCallback(),
             EpochSeedCallback(),
             DataCheckCallback(decode=self.check_data),
             TrainingReportCallback(),
         ]
+        attached = {type(callback) for callback in self._trainer.callbacks} if self._trainer is not None else set()
+        return [callback for callback in callbacks if type(callback) not in attached]
 
     def configure_post_processor(self) -> PostProcessor:
         """Return the post-processor: anomalib's, with thresholds from good images when validation has no defect."""
@@ -256,18 +269,66 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
                 f"({per_image} per image at layer {self.model.layers[0]}). "
                 f"Choose a fiber_batch_size of at most {available}."
             )
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
 
     # ---------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Before the datamodule builds its datasets: seed from the CLI, and check that masks pair with images.
+
+        The CLI's seed (``--seed_everything``) must be set before the datamodule splits its data at random.
+        """
+        self._seed_from_cli()
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:
+            check_masks(datamodule)
+            report_skipped_files(datamodule)
+
     def setup(self, stage: str | None = None) -> None:
+        """Seed from the CLI on every process (``prepare_data`` runs on one per node only)."""
+        del stage
+        self._seed_from_cli()
+
+    def _seed_from_cli(self) -> None:
+        """Apply the CLI's seed once per process; a fit then redraws the decoders' initial weights under it.
+
+        The CLI builds the model before any seed could be set, so its decoders were drawn unseeded. A resumed
+        fit redraws them too, before the checkpoint's weights replace them.
+        """
+        if self._trainer is None or self._cli_seed_applied:
+            return
+        self._cli_seed_applied = True
+        if apply_cli_seed(self.trainer) and self.trainer.state.fn == TrainerFn.FITTING:
+            self.model.reset_decoders()
+
+    def on_fit_start(self) -> None:
         """Load the encoder's pretrained weights when a fresh fit starts.
 
-        Not at construction: a model rebuilt from a checkpoint (``--ckpt_path``) takes every
-        weight from the checkpoint and must not need the network.
+        Not at construction, nor when resuming (``ckpt_path``, restored before this hook): the checkpoint holds
+        every weight, so the network or weight files are not needed then.
         """
-        resuming = self._trainer is not None and self.trainer.ckpt_path is not None
-        if stage == "fit" and self.pre_trained and not resuming:
+        if self.pre_trained and self.trainer.ckpt_path is None:
             self.load_pretrained_encoder()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the weights a resumed fit has just trained when the same trainer then tests its resume checkpoint.
+
+        anomalib's ``Engine.train(ckpt_path=...)`` (``anomalib train --ckpt_path``) resumes the fit from
+        ``ckpt_path`` and then tests with the same ``ckpt_path``, which would restore the checkpoint it resumed
+        from and report that model's metrics, not the resumed one's.
+        """
+        super().on_load_checkpoint(checkpoint)
+        if self._trainer is None or self.trainer.ckpt_path is None:
+            return
+        path = Path(self.trainer.ckpt_path).resolve()
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._resumed_from = path
+        elif self.trainer.state.fn == TrainerFn.TESTING and path == self._resumed_from:
+            checkpoint["state_dict"] = self.state_dict()
+            saved_callbacks = checkpoint.get("callbacks", {})
+            for callback in self.trainer.callbacks:  # e.g. the post-processor, whose thresholds are callback state too
+                if callback.state_key in saved_callbacks:
+                    saved_callbacks[callback.state_key] = callback.state_dict()
+            logger.info("Testing the model this run trained after resuming from %s, not that checkpoint.", path)
 
     def load_pretrained_encoder(self) -> None:
         """Load ImageNet weights into the encoder: a local file, a packaged weight file or the timm hub."""
@@ -359,12 +420,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         Seeding by position in training, not by the global random state, makes a resumed run draw
         the same sub-batches as an uninterrupted one. Processes add their rank, so they differ.
         """
-        seed = os.environ.get("PL_GLOBAL_SEED")
+        seed = global_seed()
         if seed is None:
             return None
         rank = torch.distributed.get_rank() if _world_size() > 1 else 0
-        key = (int(seed) * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
-        return torch.Generator(device=self.device).manual_seed((key * 101 + rank) % (2**63))
+        return torch.Generator(device=self.device).manual_seed(fiber_seed(seed, self.current_epoch, batch_idx, rank))
 
     def _no_gradient_sync(self) -> contextlib.AbstractContextManager:
         """Keep DDP's reducer out of the backward passes: :meth:`_gradients_are_finite` averages gradients itself.

@@ -22,6 +22,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from .errors import ConfigurationError
+
 logger = logging.getLogger(__name__)
 
 ThresholdMode = Literal["auto", "normal", "f1"]
@@ -95,10 +97,10 @@ class CflowPlusPostProcessor(PostProcessor):
         super().__init__(**kwargs)
         if threshold not in THRESHOLD_MODES:
             msg = f"threshold must be one of {THRESHOLD_MODES}, got {threshold!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if not 0.0 < normal_fpr < 1.0:
             msg = f"normal_fpr must lie in (0, 1), got {normal_fpr}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         self.threshold = threshold
         self.normal_fpr = normal_fpr
         self._normal_scores = NormalScores()

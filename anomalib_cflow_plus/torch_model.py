@@ -5,6 +5,7 @@ Pure PyTorch; nothing here depends on Lightning.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -18,6 +19,7 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
 from .condition import GridCondition, check_condition_dim, grid_condition
+from .errors import ConfigurationError
 from .flow import FiberActNorm, build_decoder, log_likelihood
 
 TileCondition = Literal["image", "tile"]
@@ -32,11 +34,21 @@ def feature_levels(backbone: str) -> list[dict]:
     Builds the architecture without weights, so it never touches the network.
     """
     if not timm.is_model(backbone):
-        matches = timm.list_models(f"*{backbone[:6]}*")[:20]
-        msg = f"Unknown backbone {backbone!r}. Any timm model name works, for example: {', '.join(matches)}."
-        raise ValueError(msg)
+        msg = f"Unknown backbone {backbone!r}. Any timm model name works; {similar_backbones(backbone)}"
+        raise ConfigurationError(msg)
     probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
     return list(probe.feature_info.info)
+
+
+def similar_backbones(backbone: str, count: int = 8) -> str:
+    """Say which timm model names are closest to ``backbone`` (by ``difflib``), or how to list them all."""
+    names = timm.list_models()
+    close = difflib.get_close_matches(backbone.lower(), names, n=count, cutoff=0.6)
+    if not close:  # e.g. a family name alone: "resnet", "convnext"
+        close = [name for name in names if backbone.lower() in name][:count]
+    if close:
+        return f"the closest are: {', '.join(close)}."
+    return 'list them with: python -c "import timm; print(timm.list_models())".'
 
 
 def resolve_layers(backbone: str, layers: Sequence[str] | None, levels: Sequence[dict]) -> list[str]:
@@ -55,7 +67,7 @@ def resolve_layers(backbone: str, layers: Sequence[str] | None, levels: Sequence
     unknown = [layer for layer in layers if layer not in names]
     if unknown or not layers or len(set(layers)) != len(layers):
         msg = f"Invalid layers {list(layers)} for backbone {backbone!r} (unknown: {unknown}). Valid layers: {names}."
-        raise ValueError(msg)
+        raise ConfigurationError(msg)
     return sorted(layers, key=names.index)
 
 
@@ -101,14 +113,14 @@ class CflowPlusModel(nn.Module):
         super().__init__()
         if tile_condition not in TILE_CONDITIONS:
             msg = f"tile_condition must be one of {TILE_CONDITIONS}, got {tile_condition!r}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         check_condition_dim(condition_vector)
         if coupling_blocks < 1:
             msg = f"coupling_blocks must be >= 1, got {coupling_blocks}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if clamp_alpha <= 0:
             msg = f"clamp_alpha must be > 0, got {clamp_alpha}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         self.backbone = backbone
         levels = feature_levels(backbone)
         self.layers = resolve_layers(backbone, layers, levels)
@@ -120,13 +132,23 @@ class CflowPlusModel(nn.Module):
         # NHWC feature maps make each layer's fibers (B, h*w, C) a view rather than a copy. Loading weights
         # (``load_state_dict`` copies into these tensors) and moving devices keep the layout.
         self.encoder.to(memory_format=torch.channels_last)
-        self.decoders = nn.ModuleList(
-            build_decoder(channels, condition_vector, coupling_blocks, clamp_alpha, seed=index)
-            for index, channels in enumerate(self.encoder.out_dims)
-        )
+        self.encoder.requires_grad_(False)  # frozen: only the decoders learn
+        self.coupling_blocks = coupling_blocks
+        self.clamp_alpha = clamp_alpha
+        self.decoders = self._build_decoders()
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
         self.tile_condition = tile_condition
         self._tiler: Tiler | None = None
+
+    def _build_decoders(self) -> nn.ModuleList:
+        return nn.ModuleList(
+            build_decoder(channels, self.condition_vector, self.coupling_blocks, self.clamp_alpha, seed=index)
+            for index, channels in enumerate(self.encoder.out_dims)
+        )
+
+    def reset_decoders(self) -> None:
+        """Draw new, untrained decoders from the global random state (e.g. after seeding it)."""
+        self.decoders = self._build_decoders()
 
     @property
     def tiler(self) -> Tiler | None:
@@ -144,10 +166,10 @@ class CflowPlusModel(nn.Module):
                     f"(got tile {tiler.tile_size_h}x{tiler.tile_size_w}, stride {tiler.stride_h}x{tiler.stride_w}, "
                     f"remove_border_count {tiler.remove_border_count}), so that the tiles' feature maps line up."
                 )
-                raise ValueError(msg)
+                raise ConfigurationError(msg)
             if tiler.mode != ImageUpscaleMode.PADDING:
                 msg = f"CflowPlus tiles with ImageUpscaleMode.PADDING only, got {tiler.mode}."
-                raise ValueError(msg)
+                raise ConfigurationError(msg)
         self._tiler = tiler
 
     def train(self, mode: bool = True) -> CflowPlusModel:

@@ -27,6 +27,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from ..errors import CflowPlusError
+
 logger = logging.getLogger(__name__)
 
 FileRole = Literal["image", "mask"]
@@ -65,11 +67,11 @@ class ImageProblem:
         return f"{self.file.subset} {self.file.role} {self.file.path}: {self.problem}"
 
 
-class EmptyTrainingSetError(ValueError):
+class EmptyTrainingSetError(CflowPlusError, ValueError):
     """The datamodule found no training image."""
 
 
-class UnreadableImagesError(OSError):
+class UnreadableImagesError(CflowPlusError, OSError):
     """Image or mask files that anomalib's reader cannot read, or would read wrongly; ``problems`` lists them all."""
 
     def __init__(self, problems: Sequence[ImageProblem], checked: int) -> None:
@@ -316,18 +318,41 @@ class DataCheckCallback(Callback):
         self.check(_loader_files(trainer.test_dataloaders, "test"))
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Check the files to predict on, not checked yet."""
+        """Leave out the images to predict on that cannot be read, naming each, so that the others are scored.
+
+        On a line, one bad frame must not cost the others their predictions. Only when no image of a dataset
+        can be scored (or the dataset cannot be filtered) does prediction stop, with
+        :class:`UnreadableImagesError`; otherwise a warning lists every file left out and why.
+        """
         del pl_module
-        self.check(_loader_files(trainer.predict_dataloaders, "predict"))
+        for dataset in _loader_datasets(trainer.predict_dataloaders):
+            problems, checked = self.find_new_problems([dataset_files(dataset, "predict")])
+            if not problems:
+                continue
+            left_out = {problem.file.image or problem.file.path for problem in problems}
+            remaining = drop_images(dataset, left_out)
+            if not remaining:
+                raise UnreadableImagesError(problems, checked)
+            lines = "\n".join(f"  {problem}" for problem in problems)
+            logger.warning(
+                "Left out %d of %d images that cannot be read; the other %d are scored:\n%s",
+                len(left_out), remaining + len(left_out), remaining, lines,
+            )  # fmt: skip
 
     def check(self, file_groups: Iterable[Iterable[ImageFile]]) -> None:
         """Decode the files not checked yet; raise :class:`UnreadableImagesError` listing every bad one."""
+        problems, checked = self.find_new_problems(file_groups)
+        if problems:
+            raise UnreadableImagesError(problems, checked)
+
+    def find_new_problems(self, file_groups: Iterable[Iterable[ImageFile]]) -> tuple[list[ImageProblem], int]:
+        """Decode the files not checked yet; return their problems and how many files were checked."""
         if not self.decode:
-            return
+            return [], 0
         files = [file for group in file_groups for file in group]
         new_paths = {file.path for file in files} - self.checked_paths
         if not new_paths:
-            return
+            return [], 0
         start = time.perf_counter()
         # A mask is checked with its image, so that their sizes can be compared.
         images_of_new_masks = {file.image for file in files if file.path in new_paths and file.image is not None}
@@ -335,17 +360,39 @@ class DataCheckCallback(Callback):
         problems = find_image_problems(files, self.workers)
         logger.info("Checked %d image and mask files in %.1f s.", len(new_paths), time.perf_counter() - start)
         self.checked_paths |= new_paths - {problem.file.path for problem in problems}
-        if problems:
-            raise UnreadableImagesError(problems, checked=len(new_paths))
+        return problems, len(new_paths)
+
+
+def drop_images(dataset: Dataset, paths: set[str]) -> int:
+    """Remove the images ``paths`` (and their masks) from an anomalib dataset in place; return how many remain.
+
+    Understands anomalib's ``PredictDataset`` (``image_filenames``) and datasets with a ``samples`` table;
+    for any other dataset nothing is removed and 0 is returned.
+    """
+    filenames = getattr(dataset, "image_filenames", None)
+    if isinstance(filenames, list):
+        dataset.image_filenames = [name for name in filenames if str(name) not in paths]
+        return len(dataset.image_filenames)
+    samples = _samples(dataset)
+    if samples is not None and "image_path" in samples:
+        dataset.samples = samples[~samples["image_path"].astype(str).isin(paths)].reset_index(drop=True)
+        return len(dataset.samples)
+    return 0
+
+
+def _loader_datasets(loaders: Any) -> Iterator[Dataset]:
+    """Yield the datasets behind a dataloader, or a list or dict of them."""
+    if isinstance(loaders, DataLoader):
+        yield loaders.dataset
+    elif isinstance(loaders, Mapping):
+        for loader in loaders.values():
+            yield from _loader_datasets(loader)
+    elif isinstance(loaders, Sequence):
+        for loader in loaders:
+            yield from _loader_datasets(loader)
 
 
 def _loader_files(loaders: Any, subset: str) -> Iterator[list[ImageFile]]:
     """Yield the files of the datasets behind a dataloader, or a list or dict of them."""
-    if isinstance(loaders, DataLoader):
-        yield dataset_files(loaders.dataset, subset)
-    elif isinstance(loaders, Mapping):
-        for loader in loaders.values():
-            yield from _loader_files(loader, subset)
-    elif isinstance(loaders, Sequence):
-        for loader in loaders:
-            yield from _loader_files(loader, subset)
+    for dataset in _loader_datasets(loaders):
+        yield dataset_files(dataset, subset)
