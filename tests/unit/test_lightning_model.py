@@ -1,12 +1,14 @@
 import inspect
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from anomalib.post_processing import PostProcessor
 
-from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor
+from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor, lightning_model
 from anomalib_cflow_plus.backbones import packaged_state_dict
+from anomalib_cflow_plus.data import DataCheckCallback
 from anomalib_cflow_plus.lightning_model import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
 
 
@@ -55,10 +57,57 @@ def test_default_post_processor_takes_the_threshold_options(caplog):
     assert "they are ignored" in caplog.text
 
 
-def test_construction_never_loads_weights():
+def test_construction_never_loads_weights(monkeypatch):
     # a hub-only backbone: construction (as when rebuilding from a checkpoint) must not touch the network
+    import huggingface_hub
+    import timm.models
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("construction tried to load weights")
+
+    for module, name in [(lightning_model, "resolve_state_dict"), (huggingface_hub, "hf_hub_download"),
+                         (timm.models, "load_pretrained"), (torch.hub, "load_state_dict_from_url")]:  # fmt: skip
+        monkeypatch.setattr(module, name, no_network)
     model = CflowPlus(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
     assert model.model.encoder.out_dims == [64, 128, 256]
+    with pytest.raises(AssertionError, match="tried to load"):
+        model.load_pretrained_encoder()  # the patch is where weights would come from
+
+
+def test_the_encoder_is_frozen_from_construction():
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)
+    assert not any(parameter.requires_grad for parameter in model.model.encoder.parameters())
+    assert all(parameter.requires_grad for parameter in model.model.decoders.parameters())
+
+
+def test_callbacks_the_trainer_holds_already_are_not_returned_again():
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)
+    first = model.configure_callbacks()
+    model._trainer = SimpleNamespace(callbacks=first)  # as after the fit of Engine.train, before its test
+    assert model.configure_callbacks() == []
+    model._trainer = SimpleNamespace(callbacks=[DataCheckCallback(workers=1)])  # the user's own
+    again = model.configure_callbacks()
+    assert len(again) == len(first) - 1
+    assert not any(isinstance(callback, DataCheckCallback) for callback in again)
+
+
+def test_cli_seed_redraws_the_decoders_of_a_fresh_fit(monkeypatch):
+    from jsonargparse import ArgumentParser, Namespace
+    from lightning.pytorch.cli import SaveConfigCallback
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    weights = []
+    for _ in range(2):
+        model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)  # drawn unseeded, as the CLI does
+        config = SaveConfigCallback(ArgumentParser(), Namespace(seed_everything=3))
+        model._trainer = SimpleNamespace(
+            callbacks=[config], state=SimpleNamespace(fn=TrainerFn.FITTING), datamodule=None
+        )
+        model.prepare_data()
+        model.setup("fit")  # applied once per process
+        weights.append(torch.cat([parameter.flatten() for parameter in model.model.decoders.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
 def test_schedule_warms_up_then_decays():

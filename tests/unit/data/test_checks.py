@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -257,19 +258,40 @@ def test_callback_raises_one_error_listing_all_bad_files(tmp_path: Path) -> None
         callback.setup(trainer, None, "fit")
 
 
-def test_callback_checks_the_files_of_loaded_dataloaders(tmp_path: Path) -> None:
+def test_prediction_leaves_out_unreadable_images_and_names_them(tmp_path: Path, caplog) -> None:
     from anomalib.data import PredictDataset
 
     good = write_image(tmp_path / "predict" / "good.png")
     bad = truncate(write_image(tmp_path / "predict" / "bad.png"))
-    loader = DataLoader(PredictDataset(tmp_path / "predict"), collate_fn=lambda items: items)
-    trainer = SimpleNamespace(predict_dataloaders=[loader], datamodule=None)
+    dataset = PredictDataset(tmp_path / "predict")
+    trainer = SimpleNamespace(predict_dataloaders=[DataLoader(dataset, collate_fn=lambda items: items)])
     callback = DataCheckCallback()
-    with pytest.raises(UnreadableImagesError) as error:
+    with caplog.at_level(logging.WARNING):
         callback.on_predict_start(trainer, None)
+    assert [str(name) for name in dataset.image_filenames] == [str(good)]
+    assert str(bad) in caplog.text and "truncated" in caplog.text and "Left out 1 of 2" in caplog.text
+    assert callback.checked_paths == {str(good)}  # a bad file is checked again next time
+
+
+def test_prediction_stops_when_no_image_can_be_read(tmp_path: Path) -> None:
+    from anomalib.data import PredictDataset
+
+    bad = truncate(write_image(tmp_path / "predict" / "bad.png"))
+    loader = DataLoader(PredictDataset(tmp_path / "predict"), collate_fn=lambda items: items)
+    with pytest.raises(UnreadableImagesError) as error:
+        DataCheckCallback().on_predict_start(SimpleNamespace(predict_dataloaders=[loader]), None)
     assert [problem.file.path for problem in error.value.problems] == [str(bad)]
     assert error.value.problems[0].file.subset == "predict"
-    assert callback.checked_paths == {str(good)}  # a bad file is checked again next time
+
+
+def test_testing_still_stops_on_an_unreadable_image(tmp_path: Path) -> None:
+    from anomalib.data import PredictDataset
+
+    write_image(tmp_path / "test" / "good.png")
+    truncate(write_image(tmp_path / "test" / "bad.png"))
+    loader = DataLoader(PredictDataset(tmp_path / "test"), collate_fn=lambda items: items)
+    with pytest.raises(UnreadableImagesError):
+        DataCheckCallback().on_test_start(SimpleNamespace(test_dataloaders=[loader]), None)
 
 
 def test_callback_without_decoding_keeps_the_empty_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
