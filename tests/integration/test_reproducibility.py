@@ -10,26 +10,11 @@ from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, seed_everything
 
 from ..conftest import tiny_datamodule
+from ..helpers import InterruptAtEpoch, SimulatedCrashError
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 2
-
-
-class SimulatedCrashError(RuntimeError):
-    """Stands for a crash or a kill in the middle of training."""
-
-
-class InterruptAtEpoch(Callback):
-    """Raise at the start of ``epoch``, after the previous epoch's checkpoint has been written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        del pl_module
-        if trainer.current_epoch == self.epoch:
-            raise SimulatedCrashError
 
 
 def fit(root: Path, dataset: Path, callbacks: list[Callback], ckpt_path: Path | None = None):
