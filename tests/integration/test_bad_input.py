@@ -229,11 +229,19 @@ def test_empty_training_folder_stops_fit_naming_the_folder(demo_root: Path, tmp_
 
 
 @pytest.mark.slow
-def test_predict_on_a_folder_names_its_unreadable_images(quirky_run: dict, tmp_path: Path) -> None:
+def test_predict_on_a_folder_scores_the_readable_images_and_names_the_others(
+    quirky_run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     images = tmp_path / "to_score"
     images.mkdir()
     shutil.copy(quirky_run["datamodule"].train_data.samples.image_path[0], images / "good.png")
     bad = truncate(Path(shutil.copy(images / "good.png", images / "bad.png")))
+    predictions = quirky_run["engine"].predict(quirky_run["model"], data_path=images)
+    assert [Path(path).name for batch in predictions for path in batch.image_path] == ["good.png"]
+    assert str(bad) in caplog.text and "Left out 1 of 2" in caplog.text
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copy(bad, only_bad / "bad.png")
     with pytest.raises(UnreadableImagesError) as error:
-        quirky_run["engine"].predict(quirky_run["model"], data_path=images)
-    assert [problem.file.path for problem in error.value.problems] == [str(bad)]
+        quirky_run["engine"].predict(quirky_run["model"], data_path=only_bad)
+    assert [problem.file.path for problem in error.value.problems] == [str(only_bad / "bad.png")]
