@@ -3,7 +3,7 @@
 import openvino as ov
 import pytest
 
-from anomalib_cflow_plus.export import fp32_tail_names
+from anomalib_cflow_plus.quantization import fp32_tail_names
 
 from .cli import ANOMALIB, metrics, run
 
