@@ -37,7 +37,7 @@ from .callbacks import CalibrationCallback, EpochSeedCallback
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .data.layout import check_masks, report_skipped_files
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NotCalibratedError
 from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
@@ -499,6 +499,31 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         self.model.anomaly_map.set_calibration(*statistics.finalize())
 
     # ------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        """Refuse to score before calibration (the calibration callback runs just before this hook)."""
+        self.require_calibration("validate")
+
+    def on_test_epoch_start(self) -> None:
+        """Refuse to score before calibration."""
+        self.require_calibration("test")
+
+    def on_predict_epoch_start(self) -> None:
+        """Refuse to score before calibration."""
+        self.require_calibration("predict")
+
+    def require_calibration(self, stage: str) -> None:
+        """Raise :class:`NotCalibratedError` unless the calibration constants have been fitted.
+
+        Without them every layer's scores have a constant of zero, and the layers are not comparable: the
+        metrics and maps would be silently wrong.
+        """
+        if not bool(self.model.anomaly_map.calibrated):
+            msg = (
+                f"CflowPlus cannot {stage}: it has not been fitted, so its scores are not calibrated. Train it first "
+                "(engine.fit / anomalib train), or load a trained checkpoint (ckpt_path=... / --ckpt_path)."
+            )
+            raise NotCalibratedError(msg)
+
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch with the calibrated model."""
         del args, kwargs

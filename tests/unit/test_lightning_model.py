@@ -267,3 +267,15 @@ def test_fiber_batch_check_counts_fibers_of_a_non_square_input():
     assert CflowPlus(pre_processor=pre_processor, fiber_batch_size=5120).fiber_batch_size == 5120
     with pytest.raises(ValueError, match="at most 5120"):
         CflowPlus(pre_processor=CflowPlus.configure_pre_processor(image_size=size), fiber_batch_size=5121)
+
+
+def test_an_uncalibrated_model_refuses_to_score():
+    from anomalib_cflow_plus.errors import NotCalibratedError
+
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)
+    for hook in (model.on_validation_epoch_start, model.on_test_epoch_start, model.on_predict_epoch_start):
+        with pytest.raises(NotCalibratedError, match=r"not been fitted.*ckpt_path"):
+            hook()
+    layers = len(model.model.layers)
+    model.model.anomaly_map.set_calibration(torch.zeros(layers), torch.zeros(layers), torch.ones(layers))
+    model.on_test_epoch_start()  # calibrated: scores
