@@ -32,7 +32,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import ImageScore, LayerStatistics, ScoreMode
-from .backbones import load_encoder_weights, resolve_state_dict
 from .callbacks import CalibrationCallback, EpochSeedCallback
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
@@ -332,8 +331,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
 
     def load_pretrained_encoder(self) -> None:
         """Load ImageNet weights into the encoder: a local file, a packaged weight file or the timm hub."""
-        state_dict = resolve_state_dict(self.backbone, self.weights)
-        load_encoder_weights(self.model.feature_encoder, state_dict, self.backbone)
+        self.model.load_pretrained(self.weights)
         logger.info("Loaded pretrained weights for %s.", self.backbone)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -409,8 +407,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             return  # a non-finite batch would poison the initialization; the next batch will do it
         self.model.initialize_normalization(features)
         if _world_size() > 1:
-            for decoder in self.model.decoders:
-                for parameter in decoder[0].parameters():
+            for actnorm in self.model.normalizations:
+                for parameter in actnorm.parameters():
                     torch.distributed.all_reduce(parameter.data)
                     parameter.data /= _world_size()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from anomalib.post_processing import PostProcessor
 
-from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor, lightning_model
+from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor, torch_model
 from anomalib_cflow_plus.backbones import packaged_state_dict
 from anomalib_cflow_plus.data import DataCheckCallback
 from anomalib_cflow_plus.lightning_model import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
@@ -65,7 +65,7 @@ def test_construction_never_loads_weights(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("construction tried to load weights")
 
-    for module, name in [(lightning_model, "resolve_state_dict"), (huggingface_hub, "hf_hub_download"),
+    for module, name in [(torch_model, "resolve_state_dict"), (huggingface_hub, "hf_hub_download"),
                          (timm.models, "load_pretrained"), (torch.hub, "load_state_dict_from_url")]:  # fmt: skip
         monkeypatch.setattr(module, name, no_network)
     model = CflowPlus(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
