@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import torch
 from anomalib import LearningType
@@ -31,8 +31,8 @@ from torch import optim
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import Resize
 
-from .anomaly_map import ImageScore, LayerStatistics, ScoreMode
-from .callbacks import CalibrationCallback, EpochSeedCallback
+from .anomaly_map import ImageScore, ScoreMode
+from .calibration import CalibrationCallback, calibrate
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .data.layout import check_masks, report_skipped_files
@@ -41,30 +41,13 @@ from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
-from .seeding import apply_cli_seed, fiber_seed, global_seed
+from .seeding import EpochSeedCallback, apply_cli_seed, fiber_seed, global_seed
 from .torch_model import CflowPlusModel, TileCondition
+from .training import TRAINING_RECIPES, TrainingRecipe, fiber_plan, warmup_cosine_schedule
 
 logger = logging.getLogger(__name__)
 
-TrainingRecipe = Literal["fast", "paper"]
 _DEFAULT_TRAIN_BATCH_SIZE = 32  # anomalib's datamodules' default
-
-
-class RecipeDefaults(NamedTuple):
-    """Default fiber sub-batch size ``N`` and Adam learning rate of a training recipe."""
-
-    fiber_batch_size: int
-    lr: float
-
-
-TRAINING_RECIPES: dict[str, RecipeDefaults] = {
-    # The paper: N = 256, lr 2e-4, one Adam step per sub-batch, layer after layer.
-    "paper": RecipeDefaults(fiber_batch_size=256, lr=2e-4),
-    # All decoders per step, each on a share of its layer's positions in every image: N = 512 (2x the paper's),
-    # about 2.6x fewer steps per batch than the paper recipe. N = 2048 made 4x fewer steps still and left real
-    # objects under-trained at 3 epochs (screw image AUROC 0.70 against 0.79; benchmarks/README.md, study 5).
-    "fast": RecipeDefaults(fiber_batch_size=512, lr=6e-4),
-}
 
 
 class CflowPlus(CflowPlusExportMixin, AnomalibModule):
@@ -353,7 +336,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         if not self.model.normalization_initialized:
             self._initialize_normalization(features)
         fibers, conditions = zip(*(self.model.fibers(layer_features) for layer_features in features), strict=True)
-        joint_layers = self.training_recipe == "fast"
+        joint_layers = TRAINING_RECIPES[self.training_recipe].joint_layers
         generator = self._fiber_generator(batch_idx)
         plan = fiber_plan(
             [condition.grid_size for condition in conditions],
@@ -485,16 +468,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             images: Batches of pre-processed normal images ``(B, 3, H, W)``.
 
         """
-        statistics = LayerStatistics(len(self.model.layers))
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for batch in images:
-                statistics.update(self.model.log_likelihood_maps(self.model.encode(batch.to(self.device))))
-        self.model.train(was_training)
-        if _world_size() > 1:  # every process saw its own shard of the training set
-            statistics.all_reduce(self.device)
-        self.model.anomaly_map.set_calibration(*statistics.finalize())
+        merge = (lambda statistics: statistics.all_reduce(self.device)) if _world_size() > 1 else None
+        calibrate(self.model, images, self.device, merge)
 
     # ------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
@@ -526,62 +501,6 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         """Score a validation batch with the calibrated model."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
-
-
-def warmup_cosine_schedule(total_steps: float, warmup_fraction: float, final_factor: float = 1e-3) -> Any:
-    """Learning-rate factor per step: linear warm-up, then cosine decay to ``final_factor``.
-
-    With an unknown (infinite) number of steps, the factor stays at 1 after the warm-up.
-    """
-    if math.isinf(total_steps):
-        return lambda step: 1.0
-    total = max(int(total_steps), 1)
-    warmup = math.ceil(total * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def fiber_plan(
-    positions_per_layer: Sequence[int],
-    images: int,
-    fiber_batch_size: int,
-    joint_layers: bool,
-    generator: torch.Generator | None = None,
-) -> list[list[tuple[int, torch.Tensor]]]:
-    """Split each layer's fibers into random sub-batches and group them into optimizer steps.
-
-    Args:
-        positions_per_layer: ``h_l * w_l``, positions of each layer's feature map.
-        images: ``B``, images in the batch; layer ``l`` has ``B * h_l * w_l`` fibers.
-        fiber_batch_size: ``N``.
-        joint_layers: ``False`` (the paper): one step per random sub-batch of ``N`` fibers, layer after
-            layer; indices point into the flat ``(B*h*w)`` fibers. ``True``: every step trains all
-            decoders, each on all images at a random share of its layer's positions; indices are
-            positions, and the layer with the most fibers sets the steps, ``ceil(max B*h_l*w_l / N)``.
-            Sharing positions across the images lets a step project each condition once, not B times.
-        generator: Random generator of the permutations.
-
-    Returns:
-        Steps; each is a list of ``(layer, indices (n,))``.
-
-    """
-    device = generator.device if generator is not None else None
-    if not joint_layers:
-        orders = [torch.randperm(images * count, generator=generator, device=device) for count in positions_per_layer]
-        return [[(layer, index)] for layer, order in enumerate(orders) for index in order.split(fiber_batch_size)]
-    steps = max(math.ceil(images * max(positions_per_layer) / fiber_batch_size), 1)
-    orders = [torch.randperm(count, generator=generator, device=device) for count in positions_per_layer]
-    chunks = [order.tensor_split(min(steps, len(order))) for order in orders]
-    return [
-        [(layer, layer_chunks[step % len(layer_chunks)]) for layer, layer_chunks in enumerate(chunks)]
-        for step in range(steps)
-    ]
 
 
 def _world_size() -> int:
