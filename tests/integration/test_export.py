@@ -24,7 +24,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_cflow_plus.quantization import decoder_weights, fp32_tail_names, graph_regions
 
-from ..conftest import tiny_datamodule
+from ..helpers import tiny_datamodule
 
 pytestmark = pytest.mark.slow
 

@@ -157,7 +157,7 @@ def _fit_with_nan_batches(dataset, root, nan_batches: set[int] | None, max_skipp
     """Fit a small model for one epoch; the encoder returns NaN features for the listed batches (None: all)."""
     from anomalib.engine import Engine
 
-    from ..conftest import tiny_datamodule
+    from ..helpers import tiny_datamodule
 
     model = CflowPlus(
         backbone="efficientnet_lite0",
