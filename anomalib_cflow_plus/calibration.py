@@ -42,17 +42,13 @@ class LayerStatistics:
             self.total_sq[layer] += values.pow(2).sum()
             self.count[layer] += values.numel()
 
-    def all_reduce(self, device: torch.device) -> None:
-        """Merge the statistics of every process of the default ``torch.distributed`` group, in place."""
-        for values, op in (
-            (self.maximum, torch.distributed.ReduceOp.MAX),
-            (self.total, torch.distributed.ReduceOp.SUM),
-            (self.total_sq, torch.distributed.ReduceOp.SUM),
-            (self.count, torch.distributed.ReduceOp.SUM),
-        ):
-            merged = values.to(device)
-            torch.distributed.all_reduce(merged, op=op)
-            values.copy_(merged.cpu())
+    def merge(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Merge the statistics of several processes in place: ``reduce(tensor, "max" | "sum")`` across them.
+
+        E.g. Lightning's ``trainer.strategy.reduce(tensor, reduce_op=...)``.
+        """
+        for values, op in ((self.maximum, "max"), (self.total, "sum"), (self.total_sq, "sum"), (self.count, "sum")):
+            values.copy_(reduce(values, op).cpu())
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(max, mean, std)``, each of shape ``(L,)`` in float32."""

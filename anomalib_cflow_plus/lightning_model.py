@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import ImageScore, ScoreMode
-from .calibration import CalibrationCallback, calibrate
+from .calibration import CalibrationCallback, LayerStatistics, calibrate
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .data.layout import check_masks, report_skipped_files
@@ -389,11 +389,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         if not all(bool(torch.isfinite(layer_features).all()) for layer_features in features):
             return  # a non-finite batch would poison the initialization; the next batch will do it
         self.model.initialize_normalization(features)
-        if _world_size() > 1:
+        if self.trainer.world_size > 1:
             for actnorm in self.model.normalizations:
                 for parameter in actnorm.parameters():
-                    torch.distributed.all_reduce(parameter.data)
-                    parameter.data /= _world_size()
+                    parameter.data.copy_(self.trainer.strategy.reduce(parameter.data.clone(), reduce_op="mean"))
 
     def _fiber_generator(self, batch_idx: int) -> torch.Generator | None:
         """Return a generator for the fiber sub-batches, seeded by (seed, epoch, batch) when the run is seeded.
@@ -404,14 +403,15 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         seed = global_seed()
         if seed is None:
             return None
-        rank = torch.distributed.get_rank() if _world_size() > 1 else 0
+        rank = self.global_rank
         return torch.Generator(device=self.device).manual_seed(fiber_seed(seed, self.current_epoch, batch_idx, rank))
 
     def _no_gradient_sync(self) -> contextlib.AbstractContextManager:
         """Keep DDP's reducer out of the backward passes: :meth:`_gradients_are_finite` averages gradients itself.
 
         DDP's reducer expects one backward over all parameters per forward; a training step here
-        makes several backward passes, each over some decoders only.
+        makes several backward passes, each over some decoders only. (Lightning's own switch for this,
+        ``_block_parallel_sync_behavior``, is private.)
         """
         wrapper = self._trainer.model if self._trainer is not None else None
         if isinstance(wrapper, DistributedDataParallel):
@@ -421,13 +421,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
     def _gradients_are_finite(self, loss: torch.Tensor) -> bool:
         """Average the decoders' gradients over processes and tell whether they and the loss are finite everywhere."""
         parameters = [parameter for parameter in self.model.decoders.parameters() if parameter.grad is not None]
-        world_size = _world_size()
-        if world_size == 1:  # one fused pass over the gradients; a NaN or Inf anywhere makes the norm non-finite
+        if self._trainer is None or self.trainer.world_size == 1:  # one fused pass; a NaN or Inf makes it non-finite
             norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters], error_if_nonfinite=False)
             return bool(torch.isfinite(loss.detach() + norm))
         flat = torch.cat([loss.detach().reshape(1).float(), *(p.grad.reshape(-1).float() for p in parameters)])
-        torch.distributed.all_reduce(flat)  # a NaN or Inf on any process reaches every process
-        flat /= world_size
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")  # a NaN or Inf on any process reaches all
         offset = 1
         for parameter in parameters:
             size = parameter.grad.numel()
@@ -468,7 +466,12 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             images: Batches of pre-processed normal images ``(B, 3, H, W)``.
 
         """
-        merge = (lambda statistics: statistics.all_reduce(self.device)) if _world_size() > 1 else None
+        merge = None
+        if self._trainer is not None and self.trainer.world_size > 1:  # each process saw its shard of the images
+
+            def merge(statistics: LayerStatistics) -> None:
+                statistics.merge(lambda values, op: self.trainer.strategy.reduce(values.to(self.device), reduce_op=op))
+
         calibrate(self.model, images, self.device, merge)
 
     # ------------------------------------------------------------ evaluation
@@ -501,13 +504,6 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         """Score a validation batch with the calibrated model."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
-
-
-def _world_size() -> int:
-    """Return the number of processes in the default process group (1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def _resize_size(pre_processor: object) -> tuple[int, int] | None:
