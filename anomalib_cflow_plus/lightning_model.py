@@ -29,7 +29,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import ImageScore, ScoreMode
 from .calibration import CalibrationCallback, LayerStatistics, calibrate
@@ -43,11 +42,18 @@ from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMo
 from .reporting import TrainingReportCallback
 from .seeding import EpochSeedCallback, apply_cli_seed, fiber_seed, global_seed
 from .torch_model import CflowPlusModel, TileCondition
-from .training import TRAINING_RECIPES, TrainingRecipe, fiber_plan, warmup_cosine_schedule
+from .training import (
+    TRAINING_RECIPES,
+    TrainingRecipe,
+    check_fiber_batch_size,
+    check_training_options,
+    fiber_plan,
+    resize_size,
+    resolve_recipe,
+    warmup_cosine_schedule,
+)
 
 logger = logging.getLogger(__name__)
-
-_DEFAULT_TRAIN_BATCH_SIZE = 32  # anomalib's datamodules' default
 
 
 class CflowPlus(CflowPlusExportMixin, AnomalibModule):
@@ -140,24 +146,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if training_recipe not in TRAINING_RECIPES:
-            msg = f"training_recipe must be one of {sorted(TRAINING_RECIPES)}, got {training_recipe!r}."
-            raise ConfigurationError(msg)
-        recipe = TRAINING_RECIPES[training_recipe]
-        fiber_batch_size = recipe.fiber_batch_size if fiber_batch_size is None else fiber_batch_size
-        lr = recipe.lr if lr is None else lr
-        if fiber_batch_size < 1:
-            msg = f"fiber_batch_size must be >= 1, got {fiber_batch_size}."
-            raise ConfigurationError(msg)
-        if lr <= 0:
-            msg = f"lr must be > 0, got {lr}."
-            raise ConfigurationError(msg)
-        if max_skipped_steps < 1:
-            msg = f"max_skipped_steps must be >= 1, got {max_skipped_steps}."
-            raise ConfigurationError(msg)
-        if not 0.0 <= warmup_fraction < 1.0:
-            msg = f"warmup_fraction must lie in [0, 1), got {warmup_fraction}."
-            raise ConfigurationError(msg)
+        fiber_batch_size, lr = resolve_recipe(training_recipe, fiber_batch_size, lr)
+        check_training_options(warmup_fraction, max_skipped_steps)
         self.model = CflowPlusModel(
             backbone=backbone,
             layers=layers,
@@ -173,7 +163,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         self.backbone = backbone
         self.pre_trained = pre_trained
         self.weights = weights
-        self._check_fiber_batch_size(fiber_batch_size)
+        check_fiber_batch_size(
+            fiber_batch_size, resize_size(self.pre_processor), self.model.feature_encoder, self.model.layers[0]
+        )
         self.training_recipe = training_recipe
         self.fiber_batch_size = fiber_batch_size
         self.lr = lr
@@ -230,28 +222,6 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=test_metrics)
-
-    def _check_fiber_batch_size(self, fiber_batch_size: int) -> None:
-        """Reject a fiber batch larger than the fibers of a whole batch of images at the model's input size.
-
-        The input size is known when the pre-processor resizes to a fixed size (the default: 256);
-        the batch is anomalib's default training batch of 32 images. A larger ``N`` would make
-        every batch a single sub-batch, silently changing the recipe.
-        """
-        image_size = _resize_size(self.pre_processor)
-        if image_size is None:
-            return
-        stride = min(self.model.feature_encoder.feature_info.reduction())
-        per_image = math.ceil(image_size[0] / stride) * math.ceil(image_size[1] / stride)
-        available = per_image * _DEFAULT_TRAIN_BATCH_SIZE
-        if fiber_batch_size > available:
-            msg = (
-                f"fiber_batch_size={fiber_batch_size} is larger than the {available} fibers of a batch of "
-                f"{_DEFAULT_TRAIN_BATCH_SIZE} images at {image_size[0]}x{image_size[1]} "
-                f"({per_image} per image at layer {self.model.layers[0]}). "
-                f"Choose a fiber_batch_size of at most {available}."
-            )
-            raise ConfigurationError(msg)
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -504,20 +474,3 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         """Score a validation batch with the calibrated model."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
-
-
-def _resize_size(pre_processor: object) -> tuple[int, int] | None:
-    """``(H, W)`` that a pre-processor's first ``Resize`` gives every image, or ``None`` when it is not fixed.
-
-    ``Resize((H, W))`` gives ``(H, W)``. ``Resize(S)`` (or ``Resize([S])``) scales the *shorter* edge to ``S``
-    and keeps the aspect ratio, so the size depends on the image: ``None``.
-    """
-    transform = getattr(pre_processor, "transform", None)
-    transforms = getattr(transform, "transforms", [transform])
-    for step in transforms:
-        if isinstance(step, Resize):
-            size = step.size
-            if isinstance(size, Sequence) and len(size) == 2:
-                return int(size[0]), int(size[1])
-            return None
-    return None

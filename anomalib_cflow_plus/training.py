@@ -13,8 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
+from torch import nn
+from torchvision.transforms.v2 import Resize
+
+from .errors import ConfigurationError
 
 TrainingRecipe = Literal["fast", "paper"]
+DEFAULT_TRAIN_BATCH_SIZE = 32  # anomalib's datamodules' default
 
 
 class RecipeDefaults(NamedTuple):
@@ -95,3 +100,77 @@ def fiber_plan(
         [(layer, layer_chunks[step % len(layer_chunks)]) for layer, layer_chunks in enumerate(chunks)]
         for step in range(steps)
     ]
+
+
+def resolve_recipe(recipe: str, fiber_batch_size: int | None, lr: float | None) -> tuple[int, float]:
+    """Return ``(fiber_batch_size, lr)``: the values given, or the recipe's defaults; raise on invalid ones."""
+    if recipe not in TRAINING_RECIPES:
+        msg = f"training_recipe must be one of {sorted(TRAINING_RECIPES)}, got {recipe!r}."
+        raise ConfigurationError(msg)
+    defaults = TRAINING_RECIPES[recipe]
+    fiber_batch_size = defaults.fiber_batch_size if fiber_batch_size is None else fiber_batch_size
+    lr = defaults.lr if lr is None else lr
+    if fiber_batch_size < 1:
+        msg = f"fiber_batch_size must be >= 1, got {fiber_batch_size}."
+        raise ConfigurationError(msg)
+    if lr <= 0:
+        msg = f"lr must be > 0, got {lr}."
+        raise ConfigurationError(msg)
+    return fiber_batch_size, lr
+
+
+def check_training_options(warmup_fraction: float, max_skipped_steps: int) -> None:
+    """Raise :class:`~.errors.ConfigurationError` on a warm-up share outside [0, 1) or ``max_skipped_steps < 1``."""
+    if max_skipped_steps < 1:
+        msg = f"max_skipped_steps must be >= 1, got {max_skipped_steps}."
+        raise ConfigurationError(msg)
+    if not 0.0 <= warmup_fraction < 1.0:
+        msg = f"warmup_fraction must lie in [0, 1), got {warmup_fraction}."
+        raise ConfigurationError(msg)
+
+
+def check_fiber_batch_size(
+    fiber_batch_size: int, image_size: tuple[int, int] | None, encoder: nn.Module, first_layer: str
+) -> None:
+    """Reject a fiber batch larger than the fibers of a whole batch of images at the model's input size.
+
+    Args:
+        fiber_batch_size: ``N``.
+        image_size: ``(H, W)`` of the model's input (see :func:`resize_size`); ``None``: not known, not checked.
+        encoder: The timm ``features_only`` encoder; its smallest stride gives the most fibers per image.
+        first_layer: Name of that layer, for the message.
+
+    The batch is anomalib's default training batch of 32 images. A larger ``N`` would make every batch a single
+    sub-batch, silently changing the recipe.
+
+    """
+    if image_size is None:
+        return
+    stride = min(encoder.feature_info.reduction())
+    per_image = math.ceil(image_size[0] / stride) * math.ceil(image_size[1] / stride)
+    available = per_image * DEFAULT_TRAIN_BATCH_SIZE
+    if fiber_batch_size > available:
+        msg = (
+            f"fiber_batch_size={fiber_batch_size} is larger than the {available} fibers of a batch of "
+            f"{DEFAULT_TRAIN_BATCH_SIZE} images at {image_size[0]}x{image_size[1]} "
+            f"({per_image} per image at layer {first_layer}). "
+            f"Choose a fiber_batch_size of at most {available}."
+        )
+        raise ConfigurationError(msg)
+
+
+def resize_size(pre_processor: object) -> tuple[int, int] | None:
+    """``(H, W)`` that a pre-processor's first ``Resize`` gives every image, or ``None`` when it is not fixed.
+
+    ``Resize((H, W))`` gives ``(H, W)``. ``Resize(S)`` (or ``Resize([S])``) scales the *shorter* edge to ``S``
+    and keeps the aspect ratio, so the size depends on the image: ``None``.
+    """
+    transform = getattr(pre_processor, "transform", None)
+    transforms = getattr(transform, "transforms", [transform])
+    for step in transforms:
+        if isinstance(step, Resize):
+            size = step.size
+            if isinstance(size, Sequence) and len(size) == 2:
+                return int(size[0]), int(size[1])
+            return None
+    return None

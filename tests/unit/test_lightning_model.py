@@ -208,22 +208,6 @@ def test_checkpoint_with_nan_is_refused():
         model.on_save_checkpoint({})
 
 
-def test_resize_size_is_fixed_only_for_a_height_and_width():
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
-
-    from anomalib_cflow_plus.lightning_model import _resize_size
-
-    def pre_processor(resize):
-        return PreProcessor(transform=Compose([resize, Normalize(mean=[0.5] * 3, std=[0.2] * 3)]))
-
-    assert _resize_size(pre_processor(Resize((128, 320)))) == (128, 320)
-    # Resize(S) scales the shorter edge: a 2:5 image becomes S x 2.5 S, so the size is not known in advance
-    assert _resize_size(pre_processor(Resize(256))) is None
-    assert _resize_size(pre_processor(Resize([256]))) is None
-    assert _resize_size(PreProcessor(transform=Normalize(mean=[0.5] * 3, std=[0.2] * 3))) is None
-
-
 def test_fiber_batch_check_counts_fibers_of_a_non_square_input():
     size = (64, 160)  # stride 8: 8 x 20 = 160 fibers per image, 5120 in a batch of 32
     pre_processor = CflowPlus.configure_pre_processor(image_size=size)

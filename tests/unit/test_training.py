@@ -52,3 +52,19 @@ def test_fiber_plan_is_reproducible_from_its_generator():
     for step_a, step_b in zip(first, second, strict=True):
         for (_, a), (_, b) in zip(step_a, step_b, strict=True):
             assert torch.equal(a, b)
+
+
+def test_resize_size_is_fixed_only_for_a_height_and_width():
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from anomalib_cflow_plus.training import resize_size
+
+    def pre_processor(resize):
+        return PreProcessor(transform=Compose([resize, Normalize(mean=[0.5] * 3, std=[0.2] * 3)]))
+
+    assert resize_size(pre_processor(Resize((128, 320)))) == (128, 320)
+    # Resize(S) scales the shorter edge: a 2:5 image becomes S x 2.5 S, so the size is not known in advance
+    assert resize_size(pre_processor(Resize(256))) is None
+    assert resize_size(pre_processor(Resize([256]))) is None
+    assert resize_size(PreProcessor(transform=Normalize(mean=[0.5] * 3, std=[0.2] * 3))) is None
