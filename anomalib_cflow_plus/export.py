@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 18
+CONSTANT_FOLDING_LOGGER = "onnxscript.optimizer._constant_folding"
 
 
 @contextmanager
@@ -59,6 +60,21 @@ def out_of_place_activations(module: nn.Module) -> Iterator[int]:
     finally:
         for child in switched:
             child.inplace = True
+
+
+@contextmanager
+def quiet_constant_folding() -> Iterator[None]:
+    """Hide onnxscript's INFO line per node it does not fold (one per large constant: thousands of lines).
+
+    Its warnings and errors still show.
+    """
+    folding_logger = logging.getLogger(CONSTANT_FOLDING_LOGGER)
+    level = folding_logger.level
+    folding_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        folding_logger.setLevel(level)
 
 
 def fold_onnx_constants(path: Path) -> None:
@@ -97,12 +113,12 @@ class CflowPlusExportMixin:
         """
         kwargs.setdefault("opset_version", ONNX_OPSET)
         full_optimizer = bool(kwargs.pop("optimize", False))
-        with out_of_place_activations(self):  # type: ignore[arg-type]
+        with out_of_place_activations(self), quiet_constant_folding():  # type: ignore[arg-type]
             path = super().to_onnx(  # type: ignore[misc]
                 export_root, model_file_name, input_size, optimize=full_optimizer, **kwargs
             )
-        if not full_optimizer:
-            fold_onnx_constants(path)
+            if not full_optimizer:
+                fold_onnx_constants(path)
         return path
 
     def _post_training_quantization_ov(
