@@ -23,50 +23,6 @@ ImageScore = Literal["combined", "map", "layer_max"]
 IMAGE_SCORES: tuple[str, ...] = ("combined", "map", "layer_max")
 
 
-class LayerStatistics:
-    """Streaming per-layer statistics of normal log-likelihoods: max, mean and std.
-
-    Feed it ``update(log_likelihoods)`` batch by batch, then read the constants with :meth:`finalize`.
-    It keeps running sums (``total``, ``total_sq``, ``count``) and the running ``maximum``, in float64.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.maximum = torch.full((num_layers,), -torch.inf, dtype=torch.float64)
-        self.total = torch.zeros(num_layers, dtype=torch.float64)
-        self.total_sq = torch.zeros(num_layers, dtype=torch.float64)
-        self.count = torch.zeros(num_layers, dtype=torch.float64)
-
-    def update(self, log_likelihoods: Sequence[torch.Tensor]) -> None:
-        """Add one batch: a sequence of L tensors of any shape (e.g. ``(B, h_l, w_l)``)."""
-        for layer, values in enumerate(log_likelihoods):
-            values = values.detach().double().flatten().cpu()
-            self.maximum[layer] = torch.maximum(self.maximum[layer], values.max())
-            self.total[layer] += values.sum()
-            self.total_sq[layer] += values.pow(2).sum()
-            self.count[layer] += values.numel()
-
-    def all_reduce(self, device: torch.device) -> None:
-        """Merge the statistics of every process of the default ``torch.distributed`` group, in place."""
-        for values, op in (
-            (self.maximum, torch.distributed.ReduceOp.MAX),
-            (self.total, torch.distributed.ReduceOp.SUM),
-            (self.total_sq, torch.distributed.ReduceOp.SUM),
-            (self.count, torch.distributed.ReduceOp.SUM),
-        ):
-            merged = values.to(device)
-            torch.distributed.all_reduce(merged, op=op)
-            values.copy_(merged.cpu())
-
-    def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(max, mean, std)``, each of shape ``(L,)`` in float32."""
-        if bool((self.count == 0).any()):
-            msg = "No log-likelihoods were collected for calibration; is the training set empty?"
-            raise RuntimeError(msg)
-        mean = self.total / self.count
-        variance = (self.total_sq / self.count - mean.pow(2)).clamp_min(1e-12)
-        return self.maximum.float(), mean.float(), variance.sqrt().float()
-
-
 class AnomalyMapGenerator(nn.Module):
     """Turn per-layer log-likelihood maps into an anomaly map ``(B, 1, H, W)`` and a score ``(B,)``.
 

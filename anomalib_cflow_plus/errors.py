@@ -35,6 +35,10 @@ class ConfigurationError(CflowPlusError, ValueError):
     """A model argument that cannot work, e.g. ``lr <= 0`` or an unknown backbone."""
 
 
+class NotCalibratedError(CflowPlusError, RuntimeError):
+    """A model asked to score before it was fitted (or loaded from a checkpoint of a fitted one)."""
+
+
 def running_anomalib_cli() -> bool:
     """Whether this process is anomalib's command line (the ``anomalib`` console script or ``anomalib.cli``)."""
     program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()

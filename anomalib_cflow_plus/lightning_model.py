@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import torch
 from anomalib import LearningType
@@ -29,43 +29,31 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.transforms.v2 import Resize
 
-from .anomaly_map import ImageScore, LayerStatistics, ScoreMode
-from .backbones import load_encoder_weights, resolve_state_dict
-from .callbacks import CalibrationCallback, EpochSeedCallback
+from .anomaly_map import ImageScore, ScoreMode
+from .calibration import CalibrationCallback, LayerStatistics, calibrate
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
 from .data.layout import check_masks, report_skipped_files
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NotCalibratedError
 from .export import CflowPlusExportMixin
 from .flow import flow_loss
 from .post_processor import THRESHOLD_MODES, CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
-from .seeding import apply_cli_seed, fiber_seed, global_seed
+from .seeding import EpochSeedCallback, apply_cli_seed, fiber_seed, global_seed
 from .torch_model import CflowPlusModel, TileCondition
+from .training import (
+    TRAINING_RECIPES,
+    TrainingRecipe,
+    check_fiber_batch_size,
+    check_training_options,
+    fiber_plan,
+    resize_size,
+    resolve_recipe,
+    warmup_cosine_schedule,
+)
 
 logger = logging.getLogger(__name__)
-
-TrainingRecipe = Literal["fast", "paper"]
-_DEFAULT_TRAIN_BATCH_SIZE = 32  # anomalib's datamodules' default
-
-
-class RecipeDefaults(NamedTuple):
-    """Default fiber sub-batch size ``N`` and Adam learning rate of a training recipe."""
-
-    fiber_batch_size: int
-    lr: float
-
-
-TRAINING_RECIPES: dict[str, RecipeDefaults] = {
-    # The paper: N = 256, lr 2e-4, one Adam step per sub-batch, layer after layer.
-    "paper": RecipeDefaults(fiber_batch_size=256, lr=2e-4),
-    # All decoders per step, each on a share of its layer's positions in every image: N = 512 (2x the paper's),
-    # about 2.6x fewer steps per batch than the paper recipe. N = 2048 made 4x fewer steps still and left real
-    # objects under-trained at 3 epochs (screw image AUROC 0.70 against 0.79; benchmarks/README.md, study 5).
-    "fast": RecipeDefaults(fiber_batch_size=512, lr=6e-4),
-}
 
 
 class CflowPlus(CflowPlusExportMixin, AnomalibModule):
@@ -158,24 +146,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if training_recipe not in TRAINING_RECIPES:
-            msg = f"training_recipe must be one of {sorted(TRAINING_RECIPES)}, got {training_recipe!r}."
-            raise ConfigurationError(msg)
-        recipe = TRAINING_RECIPES[training_recipe]
-        fiber_batch_size = recipe.fiber_batch_size if fiber_batch_size is None else fiber_batch_size
-        lr = recipe.lr if lr is None else lr
-        if fiber_batch_size < 1:
-            msg = f"fiber_batch_size must be >= 1, got {fiber_batch_size}."
-            raise ConfigurationError(msg)
-        if lr <= 0:
-            msg = f"lr must be > 0, got {lr}."
-            raise ConfigurationError(msg)
-        if max_skipped_steps < 1:
-            msg = f"max_skipped_steps must be >= 1, got {max_skipped_steps}."
-            raise ConfigurationError(msg)
-        if not 0.0 <= warmup_fraction < 1.0:
-            msg = f"warmup_fraction must lie in [0, 1), got {warmup_fraction}."
-            raise ConfigurationError(msg)
+        fiber_batch_size, lr = resolve_recipe(training_recipe, fiber_batch_size, lr)
+        check_training_options(warmup_fraction, max_skipped_steps)
         self.model = CflowPlusModel(
             backbone=backbone,
             layers=layers,
@@ -191,7 +163,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         self.backbone = backbone
         self.pre_trained = pre_trained
         self.weights = weights
-        self._check_fiber_batch_size(fiber_batch_size)
+        check_fiber_batch_size(
+            fiber_batch_size, resize_size(self.pre_processor), self.model.feature_encoder, self.model.layers[0]
+        )
         self.training_recipe = training_recipe
         self.fiber_batch_size = fiber_batch_size
         self.lr = lr
@@ -248,28 +222,6 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=test_metrics)
-
-    def _check_fiber_batch_size(self, fiber_batch_size: int) -> None:
-        """Reject a fiber batch larger than the fibers of a whole batch of images at the model's input size.
-
-        The input size is known when the pre-processor resizes to a fixed size (the default: 256);
-        the batch is anomalib's default training batch of 32 images. A larger ``N`` would make
-        every batch a single sub-batch, silently changing the recipe.
-        """
-        image_size = _resize_size(self.pre_processor)
-        if image_size is None:
-            return
-        stride = min(self.model.feature_encoder.feature_info.reduction())
-        per_image = math.ceil(image_size[0] / stride) * math.ceil(image_size[1] / stride)
-        available = per_image * _DEFAULT_TRAIN_BATCH_SIZE
-        if fiber_batch_size > available:
-            msg = (
-                f"fiber_batch_size={fiber_batch_size} is larger than the {available} fibers of a batch of "
-                f"{_DEFAULT_TRAIN_BATCH_SIZE} images at {image_size[0]}x{image_size[1]} "
-                f"({per_image} per image at layer {self.model.layers[0]}). "
-                f"Choose a fiber_batch_size of at most {available}."
-            )
-            raise ConfigurationError(msg)
 
     # ---------------------------------------------------------------- setup
     def prepare_data(self) -> None:
@@ -332,8 +284,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
 
     def load_pretrained_encoder(self) -> None:
         """Load ImageNet weights into the encoder: a local file, a packaged weight file or the timm hub."""
-        state_dict = resolve_state_dict(self.backbone, self.weights)
-        load_encoder_weights(self.model.feature_encoder, state_dict, self.backbone)
+        self.model.load_pretrained(self.weights)
         logger.info("Loaded pretrained weights for %s.", self.backbone)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -355,7 +306,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         if not self.model.normalization_initialized:
             self._initialize_normalization(features)
         fibers, conditions = zip(*(self.model.fibers(layer_features) for layer_features in features), strict=True)
-        joint_layers = self.training_recipe == "fast"
+        joint_layers = TRAINING_RECIPES[self.training_recipe].joint_layers
         generator = self._fiber_generator(batch_idx)
         plan = fiber_plan(
             [condition.grid_size for condition in conditions],
@@ -408,11 +359,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         if not all(bool(torch.isfinite(layer_features).all()) for layer_features in features):
             return  # a non-finite batch would poison the initialization; the next batch will do it
         self.model.initialize_normalization(features)
-        if _world_size() > 1:
-            for decoder in self.model.decoders:
-                for parameter in decoder[0].parameters():
-                    torch.distributed.all_reduce(parameter.data)
-                    parameter.data /= _world_size()
+        if self.trainer.world_size > 1:
+            for actnorm in self.model.normalizations:
+                for parameter in actnorm.parameters():
+                    parameter.data.copy_(self.trainer.strategy.reduce(parameter.data.clone(), reduce_op="mean"))
 
     def _fiber_generator(self, batch_idx: int) -> torch.Generator | None:
         """Return a generator for the fiber sub-batches, seeded by (seed, epoch, batch) when the run is seeded.
@@ -423,14 +373,15 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         seed = global_seed()
         if seed is None:
             return None
-        rank = torch.distributed.get_rank() if _world_size() > 1 else 0
+        rank = self.global_rank
         return torch.Generator(device=self.device).manual_seed(fiber_seed(seed, self.current_epoch, batch_idx, rank))
 
     def _no_gradient_sync(self) -> contextlib.AbstractContextManager:
         """Keep DDP's reducer out of the backward passes: :meth:`_gradients_are_finite` averages gradients itself.
 
         DDP's reducer expects one backward over all parameters per forward; a training step here
-        makes several backward passes, each over some decoders only.
+        makes several backward passes, each over some decoders only. (Lightning's own switch for this,
+        ``_block_parallel_sync_behavior``, is private.)
         """
         wrapper = self._trainer.model if self._trainer is not None else None
         if isinstance(wrapper, DistributedDataParallel):
@@ -440,13 +391,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
     def _gradients_are_finite(self, loss: torch.Tensor) -> bool:
         """Average the decoders' gradients over processes and tell whether they and the loss are finite everywhere."""
         parameters = [parameter for parameter in self.model.decoders.parameters() if parameter.grad is not None]
-        world_size = _world_size()
-        if world_size == 1:  # one fused pass over the gradients; a NaN or Inf anywhere makes the norm non-finite
+        if self._trainer is None or self.trainer.world_size == 1:  # one fused pass; a NaN or Inf makes it non-finite
             norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters], error_if_nonfinite=False)
             return bool(torch.isfinite(loss.detach() + norm))
         flat = torch.cat([loss.detach().reshape(1).float(), *(p.grad.reshape(-1).float() for p in parameters)])
-        torch.distributed.all_reduce(flat)  # a NaN or Inf on any process reaches every process
-        flat /= world_size
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")  # a NaN or Inf on any process reaches all
         offset = 1
         for parameter in parameters:
             size = parameter.grad.numel()
@@ -487,99 +436,41 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             images: Batches of pre-processed normal images ``(B, 3, H, W)``.
 
         """
-        statistics = LayerStatistics(len(self.model.layers))
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for batch in images:
-                statistics.update(self.model.log_likelihood_maps(self.model.encode(batch.to(self.device))))
-        self.model.train(was_training)
-        if _world_size() > 1:  # every process saw its own shard of the training set
-            statistics.all_reduce(self.device)
-        self.model.anomaly_map.set_calibration(*statistics.finalize())
+        merge = None
+        if self._trainer is not None and self.trainer.world_size > 1:  # each process saw its shard of the images
+
+            def merge(statistics: LayerStatistics) -> None:
+                statistics.merge(lambda values, op: self.trainer.strategy.reduce(values.to(self.device), reduce_op=op))
+
+        calibrate(self.model, images, self.device, merge)
 
     # ------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        """Refuse to score before calibration (the calibration callback runs just before this hook)."""
+        self.require_calibration("validate")
+
+    def on_test_epoch_start(self) -> None:
+        """Refuse to score before calibration."""
+        self.require_calibration("test")
+
+    def on_predict_epoch_start(self) -> None:
+        """Refuse to score before calibration."""
+        self.require_calibration("predict")
+
+    def require_calibration(self, stage: str) -> None:
+        """Raise :class:`NotCalibratedError` unless the calibration constants have been fitted.
+
+        Without them every layer's scores have a constant of zero, and the layers are not comparable: the
+        metrics and maps would be silently wrong.
+        """
+        if not bool(self.model.anomaly_map.calibrated):
+            msg = (
+                f"CflowPlus cannot {stage}: it has not been fitted, so its scores are not calibrated. Train it first "
+                "(engine.fit / anomalib train), or load a trained checkpoint (ckpt_path=... / --ckpt_path)."
+            )
+            raise NotCalibratedError(msg)
+
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch with the calibrated model."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
-
-
-def warmup_cosine_schedule(total_steps: float, warmup_fraction: float, final_factor: float = 1e-3) -> Any:
-    """Learning-rate factor per step: linear warm-up, then cosine decay to ``final_factor``.
-
-    With an unknown (infinite) number of steps, the factor stays at 1 after the warm-up.
-    """
-    if math.isinf(total_steps):
-        return lambda step: 1.0
-    total = max(int(total_steps), 1)
-    warmup = math.ceil(total * warmup_fraction)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return final_factor + (1.0 - final_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def fiber_plan(
-    positions_per_layer: Sequence[int],
-    images: int,
-    fiber_batch_size: int,
-    joint_layers: bool,
-    generator: torch.Generator | None = None,
-) -> list[list[tuple[int, torch.Tensor]]]:
-    """Split each layer's fibers into random sub-batches and group them into optimizer steps.
-
-    Args:
-        positions_per_layer: ``h_l * w_l``, positions of each layer's feature map.
-        images: ``B``, images in the batch; layer ``l`` has ``B * h_l * w_l`` fibers.
-        fiber_batch_size: ``N``.
-        joint_layers: ``False`` (the paper): one step per random sub-batch of ``N`` fibers, layer after
-            layer; indices point into the flat ``(B*h*w)`` fibers. ``True``: every step trains all
-            decoders, each on all images at a random share of its layer's positions; indices are
-            positions, and the layer with the most fibers sets the steps, ``ceil(max B*h_l*w_l / N)``.
-            Sharing positions across the images lets a step project each condition once, not B times.
-        generator: Random generator of the permutations.
-
-    Returns:
-        Steps; each is a list of ``(layer, indices (n,))``.
-
-    """
-    device = generator.device if generator is not None else None
-    if not joint_layers:
-        orders = [torch.randperm(images * count, generator=generator, device=device) for count in positions_per_layer]
-        return [[(layer, index)] for layer, order in enumerate(orders) for index in order.split(fiber_batch_size)]
-    steps = max(math.ceil(images * max(positions_per_layer) / fiber_batch_size), 1)
-    orders = [torch.randperm(count, generator=generator, device=device) for count in positions_per_layer]
-    chunks = [order.tensor_split(min(steps, len(order))) for order in orders]
-    return [
-        [(layer, layer_chunks[step % len(layer_chunks)]) for layer, layer_chunks in enumerate(chunks)]
-        for step in range(steps)
-    ]
-
-
-def _world_size() -> int:
-    """Return the number of processes in the default process group (1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _resize_size(pre_processor: object) -> tuple[int, int] | None:
-    """``(H, W)`` that a pre-processor's first ``Resize`` gives every image, or ``None`` when it is not fixed.
-
-    ``Resize((H, W))`` gives ``(H, W)``. ``Resize(S)`` (or ``Resize([S])``) scales the *shorter* edge to ``S``
-    and keeps the aspect ratio, so the size depends on the image: ``None``.
-    """
-    transform = getattr(pre_processor, "transform", None)
-    transforms = getattr(transform, "transforms", [transform])
-    for step in transforms:
-        if isinstance(step, Resize):
-            size = step.size
-            if isinstance(size, Sequence) and len(size) == 2:
-                return int(size[0]), int(size[1])
-            return None
-    return None

@@ -131,7 +131,7 @@ def gather_from_all_ranks(records: list[Any]) -> list[Any]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return records
     gathered: list[list[Any] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, records)
+    torch.distributed.all_gather_object(gathered, records)  # Lightning's all_gather takes tensors only
     return [record for rank_records in gathered for record in rank_records or []]
 
 

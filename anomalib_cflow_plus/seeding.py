@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
-from lightning.pytorch import Trainer, seed_everything
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.cli import SaveConfigCallback
 
 logger = logging.getLogger(__name__)
@@ -61,3 +62,35 @@ def apply_cli_seed(trainer: Trainer) -> bool:
         return False
     seed_everything(None if setting is True else setting, workers=True)
     return True
+
+
+class EpochSeedCallback(Callback):
+    """Reseed the global random state per epoch of a seeded run: a resumed run then matches an uninterrupted one.
+
+    The training dataloader's sampler draws its shuffling from the global random state when the
+    epoch's first batch is fetched, after ``on_train_epoch_start``, where the state is set to
+    ``seed + epoch``. Creating the epoch's iterator draws one more number (torch's base seed for
+    the loader); Lightning creates it after this hook for later epochs, but before it for the
+    first epoch of a fit, fresh or resumed, so that draw is repeated here then. The fiber
+    sub-batches use their own generator (:meth:`CflowPlus._fiber_generator`). Inactive unless
+    ``seed_everything`` set a seed. A checkpoint taken mid-epoch resumes with another order.
+    """
+
+    def __init__(self) -> None:
+        self.first_epoch_of_fit = True
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Note that a fit, fresh or resumed, starts: its first epoch's iterator exists already."""
+        del trainer, pl_module
+        self.first_epoch_of_fit = True
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Seed the epoch, as if its dataloader iterator were created after this hook."""
+        del pl_module
+        seed = global_seed()
+        if seed is None:
+            return
+        torch.manual_seed(seed + trainer.current_epoch)
+        if self.first_epoch_of_fit:
+            torch.empty((), dtype=torch.int64).random_()  # the draw the iterator's creation makes
+        self.first_epoch_of_fit = False

@@ -18,6 +18,7 @@ from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
+from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .errors import ConfigurationError
 from .flow import FiberActNorm, build_decoder, log_likelihood
@@ -240,18 +241,30 @@ class CflowPlusModel(nn.Module):
             maps.append(self.fiber_log_likelihood(layer, fibers, condition).reshape(batch, height, width))
         return maps
 
+    @property
+    def normalizations(self) -> list[FiberActNorm]:
+        """Each decoder's input normalization (its first block, an ActNorm), in layer order."""
+        return [decoder[0] for decoder in self.decoders]
+
     @torch.no_grad()
     def initialize_normalization(self, features: Sequence[torch.Tensor]) -> None:
         """Data-initialize each decoder's ActNorm from one batch of features ``(B, C_l, h_l, w_l)``."""
-        for decoder, layer_features in zip(self.decoders, features, strict=True):
-            actnorm = decoder[0]
-            if isinstance(actnorm, FiberActNorm) and not bool(actnorm.initialized):
+        for actnorm, layer_features in zip(self.normalizations, features, strict=True):
+            if not bool(actnorm.initialized):
                 actnorm.initialize(self.fibers(layer_features)[0])
 
     @property
     def normalization_initialized(self) -> bool:
         """Whether every decoder's ActNorm has been data-initialized."""
-        return all(bool(decoder[0].initialized) for decoder in self.decoders)
+        return all(bool(actnorm.initialized) for actnorm in self.normalizations)
+
+    def load_pretrained(self, weights: str | None = None) -> None:
+        """Load the encoder's ImageNet weights: from ``weights`` (a local file), a weight package or the timm hub.
+
+        See :func:`~.backbones.resolve_state_dict` for where they come from, offline first.
+        """
+        state_dict = resolve_state_dict(self.backbone, weights)
+        load_encoder_weights(self.feature_encoder, state_dict, self.backbone)
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""

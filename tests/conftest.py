@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = {"image_size": 128, "n_train": 16, "n_test_good": 6, "n_test_defect": 3}
-TINY_CATEGORY = "brick"
+from .helpers import TINY, TINY_CATEGORY, tiny_datamodule
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +17,6 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("demo")
     return generate_demo_dataset(root, textures=(TINY_CATEGORY,), seed=0, **TINY)
-
-
-def tiny_datamodule(root: Path):
-    """anomalib's own MVTecAD datamodule over the tiny dataset."""
-    from anomalib.data import MVTecAD
-
-    return MVTecAD(root=root, category=TINY_CATEGORY, train_batch_size=8, eval_batch_size=8, num_workers=0)
 
 
 @dataclass

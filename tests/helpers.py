@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch import Callback
+
+TINY = {"image_size": 128, "n_train": 16, "n_test_good": 6, "n_test_defect": 3}
+TINY_CATEGORY = "brick"
 
 
 class SimulatedCrashError(RuntimeError):
@@ -19,3 +24,10 @@ class InterruptAtEpoch(Callback):
         del pl_module
         if trainer.current_epoch == self.epoch:
             raise SimulatedCrashError
+
+
+def tiny_datamodule(root: Path):
+    """anomalib's own MVTecAD datamodule over the tiny dataset."""
+    from anomalib.data import MVTecAD
+
+    return MVTecAD(root=root, category=TINY_CATEGORY, train_batch_size=8, eval_batch_size=8, num_workers=0)

@@ -3,7 +3,7 @@
 import openvino as ov
 import pytest
 
-from anomalib_cflow_plus.export import fp32_tail_names
+from anomalib_cflow_plus.quantization import fp32_tail_names
 
 from .cli import ANOMALIB, metrics, run
 
@@ -41,9 +41,8 @@ def test_cli_train_test_export_predict(tiny_dataset, tmp_path):
     assert quantizers, "INT8_PTQ exported no quantizer"
     assert not quantizers & set(fp32_tail_names(exported)), "a quantizer sits in the scoring tail"
 
-    predicted = run(
+    run(
         ANOMALIB, "predict", "--model", "CflowPlus", "--ckpt_path", str(checkpoint),
         "--data", str(tiny_dataset / "brick" / "test" / "scratch"), "--default_root_dir", str(tmp_path / "predict"),
     )  # fmt: skip
-    assert "Traceback" not in predicted
     assert len(list((tmp_path / "predict").rglob("*.png"))) == 3

@@ -22,9 +22,9 @@ from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer, Tor
 from anomalib.metrics import AUPRO, AUROC, F1Score
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_cflow_plus.export import fp32_tail_names
+from anomalib_cflow_plus.quantization import decoder_weights, fp32_tail_names, graph_regions
 
-from ..conftest import tiny_datamodule
+from ..helpers import tiny_datamodule
 
 pytestmark = pytest.mark.slow
 
@@ -248,3 +248,29 @@ def test_int8_acq_stays_within_max_drop(model, datamodule, onnx_path, images, ma
     # The tiny dataset's validation split is its test split: the control's own criterion, recomputed here.
     assert int8["image_auroc"] >= fp32["image_auroc"] - 0.01, (int8, fp32)
     assert int8["aupro"] >= fp32["aupro"] - 0.02, (int8, fp32)
+
+
+def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> None:
+    """timm's test_convnext has MLPs of nn.Linear, MatMuls in the graph as the flows' are: they stay the encoder's."""
+    from torch import nn
+
+    from anomalib_cflow_plus import CflowPlus
+
+    model = CflowPlus(
+        backbone="test_convnext", pre_trained=False, coupling_blocks=1, condition_vector=16,
+        pre_processor=CflowPlus.configure_pre_processor((64, 64)), visualizer=False,
+    )  # fmt: skip
+    encoder_linears = sum(isinstance(module, nn.Linear) for module in model.model.encoder.modules())
+    flow_linears = sum(isinstance(module, nn.Linear) for module in model.model.decoders.modules())
+    assert encoder_linears > 0
+    exported = ov.Core().read_model(model.to_openvino(export_root=tmp_path, input_size=(64, 64)))
+    types = {op.get_friendly_name(): op.get_type_name() for op in exported.get_ops()}
+    regions = graph_regions(exported, decoder_weights(model.model.decoders))
+    matmuls = {
+        region: sum(types[name] == "MatMul" for name in getattr(regions, region))
+        for region in ("encoder", "flows", "tail")
+    }
+    assert matmuls["encoder"] == encoder_linears
+    assert 0 < matmuls["flows"] <= flow_linears  # the condition's projections are folded into constants
+    assert matmuls["tail"] == 0
+    assert set(regions.tail) == set(fp32_tail_names(exported, decoder_weights(model.model.decoders)))

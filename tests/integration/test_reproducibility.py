@@ -9,8 +9,7 @@ import torch
 from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch import Callback, seed_everything
 
-from ..conftest import tiny_datamodule
-from ..helpers import InterruptAtEpoch, SimulatedCrashError
+from ..helpers import InterruptAtEpoch, SimulatedCrashError, tiny_datamodule
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_cflow_plus import CflowPlus
 
-from ..conftest import tiny_datamodule
+from ..helpers import tiny_datamodule
 
 pytestmark = pytest.mark.slow
 

@@ -3,28 +3,12 @@ import math
 import pytest
 import torch
 
-from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator, LayerStatistics
+from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator
 
 
 def _maps(batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, size, size, generator=generator) - 1.0 for size in (8, 4, 2)]
-
-
-def test_layer_statistics():
-    statistics = LayerStatistics(2)
-    first, second = torch.arange(6.0).reshape(2, 3), torch.tensor([[10.0, 20.0]])
-    statistics.update([first, second])
-    statistics.update([first + 6, second])
-    maximum, mean, std = statistics.finalize()
-    torch.testing.assert_close(maximum, torch.tensor([11.0, 20.0]))
-    torch.testing.assert_close(mean, torch.tensor([5.5, 15.0]))
-    torch.testing.assert_close(std, torch.tensor([torch.arange(12.0).std(unbiased=False).item(), 5.0]))
-
-
-def test_empty_statistics_raise():
-    with pytest.raises(RuntimeError, match="calibration"):
-        LayerStatistics(1).finalize()
 
 
 def test_paper_mode_map_and_score():

@@ -1,15 +1,14 @@
 import inspect
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 from anomalib.post_processing import PostProcessor
 
-from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor, lightning_model
+from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor, torch_model
 from anomalib_cflow_plus.backbones import packaged_state_dict
 from anomalib_cflow_plus.data import DataCheckCallback
-from anomalib_cflow_plus.lightning_model import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
+from anomalib_cflow_plus.training import TRAINING_RECIPES
 
 
 def test_paper_defaults_are_constructor_arguments():
@@ -18,7 +17,7 @@ def test_paper_defaults_are_constructor_arguments():
     assert defaults["condition_vector"] == 128
     assert defaults["coupling_blocks"] == 8
     assert defaults["clamp_alpha"] == 1.9
-    assert TRAINING_RECIPES["paper"] == (256, 2e-4)
+    assert TRAINING_RECIPES["paper"] == (256, 2e-4, False)
     paper = CflowPlus(training_recipe="paper")
     assert (paper.fiber_batch_size, paper.lr) == (256, 2e-4)
     assert CflowPlus(training_recipe="paper", lr=1e-3).lr == 1e-3  # explicit values win over the recipe's
@@ -65,7 +64,7 @@ def test_construction_never_loads_weights(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("construction tried to load weights")
 
-    for module, name in [(lightning_model, "resolve_state_dict"), (huggingface_hub, "hf_hub_download"),
+    for module, name in [(torch_model, "resolve_state_dict"), (huggingface_hub, "hf_hub_download"),
                          (timm.models, "load_pretrained"), (torch.hub, "load_state_dict_from_url")]:  # fmt: skip
         monkeypatch.setattr(module, name, no_network)
     model = CflowPlus(backbone="resnet18", layers=["layer1", "layer2", "layer3"])
@@ -110,16 +109,7 @@ def test_cli_seed_redraws_the_decoders_of_a_fresh_fit(monkeypatch):
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
 
 
-def test_schedule_warms_up_then_decays():
-    factor = warmup_cosine_schedule(total_steps=100, warmup_fraction=0.1)
-    assert factor(0) == pytest.approx(0.1)
-    assert factor(9) == pytest.approx(1.0)
-    assert factor(10) == pytest.approx(1.0)
-    assert factor(55) == pytest.approx(0.5 * (1 + 1e-3), rel=1e-3)
-    assert factor(99) < 0.01
-    assert warmup_cosine_schedule(math.inf, 0.1)(10**6) == 1.0
-
-
+@pytest.mark.slow  # trains a model
 def test_fit_keeps_encoder_frozen_and_calibrates(trained_run):
     model = trained_run.model
     reference = packaged_state_dict(model.backbone)
@@ -136,12 +126,14 @@ def test_fit_keeps_encoder_frozen_and_calibrates(trained_run):
     torch.testing.assert_close(calibration.layer_std, expected[1], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # trains a model
 def test_trained_model_detects_defects(trained_run):
     assert trained_run.metrics["image_AUROC"] >= 0.9
     assert trained_run.metrics["pixel_AUROC"] >= 0.9
     assert "pixel_AUPRO" in trained_run.metrics
 
 
+@pytest.mark.slow  # trains a model
 def test_checkpoint_round_trip_reproduces_scores(trained_run):
     restored = CflowPlus.load_from_checkpoint(trained_run.checkpoint).eval()
     original = trained_run.model.eval()
@@ -161,42 +153,11 @@ def test_optimizer_trains_the_decoders_only():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(TRAINING_RECIPES["fast"].lr)
 
 
-def test_paper_plan_covers_every_fiber_once_in_sub_batches_of_n():
-    positions, images = [250, 60, 15], 4  # 1000, 240 and 60 fibers
-    plan = fiber_plan(positions, images, 128, joint_layers=False, generator=torch.Generator().manual_seed(0))
-    assert len(plan) == 8 + 2 + 1 and all(len(step) == 1 for step in plan)
-    for layer, count in enumerate(positions):
-        chunks = [index for step in plan for step_layer, index in step if step_layer == layer]
-        assert max(len(chunk) for chunk in chunks) <= 128
-        assert sorted(torch.cat(chunks).tolist()) == list(range(images * count))  # every flat fiber once
-
-
-def test_joint_plan_trains_every_decoder_per_step_on_shared_positions():
-    positions, images = [250, 60, 15], 4
-    plan = fiber_plan(positions, images, 128, joint_layers=True, generator=torch.Generator().manual_seed(0))
-    assert len(plan) == 8  # ceil(4 * 250 / 128) steps, each training all three decoders
-    assert all([layer for layer, _ in step] == [0, 1, 2] for step in plan)
-    for layer, count in enumerate(positions):
-        chunks = [index for step in plan for step_layer, index in step if step_layer == layer]
-        assert set(torch.cat(chunks).tolist()) == set(range(count))  # every position, hence every fiber
-        assert max(images * len(chunk) for chunk in chunks) <= 128
-
-
-def test_fiber_plan_is_reproducible_from_its_generator():
-    def plan():
-        return fiber_plan([300, 80], 2, 64, joint_layers=True, generator=torch.Generator().manual_seed(7))
-
-    first, second = plan(), plan()
-    for step_a, step_b in zip(first, second, strict=True):
-        for (_, a), (_, b) in zip(step_a, step_b, strict=True):
-            assert torch.equal(a, b)
-
-
 def _fit_with_nan_batches(dataset, root, nan_batches: set[int] | None, max_skipped_steps: int = 20):
     """Fit a small model for one epoch; the encoder returns NaN features for the listed batches (None: all)."""
     from anomalib.engine import Engine
 
-    from ..conftest import tiny_datamodule
+    from ..helpers import tiny_datamodule
 
     model = CflowPlus(
         backbone="efficientnet_lite0",
@@ -221,6 +182,7 @@ def _fit_with_nan_batches(dataset, root, nan_batches: set[int] | None, max_skipp
     return model, engine
 
 
+@pytest.mark.slow  # trains a model
 def test_non_finite_steps_are_skipped_and_counted(tiny_dataset, tmp_path):
     model, engine = _fit_with_nan_batches(tiny_dataset, tmp_path, nan_batches={1})
     assert model.skipped_steps >= 1  # batch 1's steps all met a NaN loss
@@ -232,6 +194,7 @@ def test_non_finite_steps_are_skipped_and_counted(tiny_dataset, tmp_path):
     assert all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # trains a model
 def test_persistent_non_finite_steps_stop_training(tiny_dataset, tmp_path):
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
         _fit_with_nan_batches(tiny_dataset, tmp_path, nan_batches=None, max_skipped_steps=3)
@@ -245,25 +208,21 @@ def test_checkpoint_with_nan_is_refused():
         model.on_save_checkpoint({})
 
 
-def test_resize_size_is_fixed_only_for_a_height_and_width():
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
-
-    from anomalib_cflow_plus.lightning_model import _resize_size
-
-    def pre_processor(resize):
-        return PreProcessor(transform=Compose([resize, Normalize(mean=[0.5] * 3, std=[0.2] * 3)]))
-
-    assert _resize_size(pre_processor(Resize((128, 320)))) == (128, 320)
-    # Resize(S) scales the shorter edge: a 2:5 image becomes S x 2.5 S, so the size is not known in advance
-    assert _resize_size(pre_processor(Resize(256))) is None
-    assert _resize_size(pre_processor(Resize([256]))) is None
-    assert _resize_size(PreProcessor(transform=Normalize(mean=[0.5] * 3, std=[0.2] * 3))) is None
-
-
 def test_fiber_batch_check_counts_fibers_of_a_non_square_input():
     size = (64, 160)  # stride 8: 8 x 20 = 160 fibers per image, 5120 in a batch of 32
     pre_processor = CflowPlus.configure_pre_processor(image_size=size)
     assert CflowPlus(pre_processor=pre_processor, fiber_batch_size=5120).fiber_batch_size == 5120
     with pytest.raises(ValueError, match="at most 5120"):
         CflowPlus(pre_processor=CflowPlus.configure_pre_processor(image_size=size), fiber_batch_size=5121)
+
+
+def test_an_uncalibrated_model_refuses_to_score():
+    from anomalib_cflow_plus.errors import NotCalibratedError
+
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1)
+    for hook in (model.on_validation_epoch_start, model.on_test_epoch_start, model.on_predict_epoch_start):
+        with pytest.raises(NotCalibratedError, match=r"not been fitted.*ckpt_path"):
+            hook()
+    layers = len(model.model.layers)
+    model.model.anomaly_map.set_calibration(torch.zeros(layers), torch.zeros(layers), torch.ones(layers))
+    model.on_test_epoch_start()  # calibrated: scores

@@ -269,6 +269,7 @@ def test_gather_without_distributed_returns_the_records():
 
 # ----------------------------------------------------------------------------------- a real run
 @pytest.mark.slow
+@pytest.mark.slow  # uses the session's trained model
 def test_report_of_a_real_run_matches_anomalib_metrics(trained_run, monkeypatch):
     """Registered as CflowPlus registers it (or will): in configure_callbacks, after anomalib's own callbacks."""
     model, engine = trained_run.model, trained_run.engine

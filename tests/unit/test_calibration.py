@@ -1,11 +1,14 @@
+"""Calibration: the streaming statistics, the calibration loop and the callback that refits it."""
+
 from types import SimpleNamespace
 
+import pytest
 import torch
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Resize
 
 from anomalib_cflow_plus import CflowPlus
-from anomalib_cflow_plus.callbacks import CalibrationCallback, training_images
+from anomalib_cflow_plus.calibration import CalibrationCallback, LayerStatistics, calibrate, training_images
 
 
 class RecordingModule:
@@ -46,3 +49,32 @@ def test_model_registers_the_callback():
     callbacks = CflowPlus(coupling_blocks=1).configure_callbacks()
     assert sum(isinstance(callback, CalibrationCallback) for callback in callbacks) == 1
     assert any(isinstance(callback, PreProcessor) for callback in callbacks)
+
+
+def test_layer_statistics():
+    statistics = LayerStatistics(2)
+    first, second = torch.arange(6.0).reshape(2, 3), torch.tensor([[10.0, 20.0]])
+    statistics.update([first, second])
+    statistics.update([first + 6, second])
+    maximum, mean, std = statistics.finalize()
+    torch.testing.assert_close(maximum, torch.tensor([11.0, 20.0]))
+    torch.testing.assert_close(mean, torch.tensor([5.5, 15.0]))
+    torch.testing.assert_close(std, torch.tensor([torch.arange(12.0).std(unbiased=False).item(), 5.0]))
+
+
+def test_empty_statistics_raise():
+    with pytest.raises(RuntimeError, match="calibration"):
+        LayerStatistics(1).finalize()
+
+
+def test_calibrate_fits_the_model_constants_and_restores_its_mode():
+    from anomalib_cflow_plus.torch_model import CflowPlusModel
+
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1, condition_vector=16).train()
+    images = [torch.rand(2, 3, 64, 64), torch.rand(1, 3, 64, 64)]
+    merged = []
+    calibrate(model, images, torch.device("cpu"), merge=merged.append)
+    assert model.training and bool(model.anomaly_map.calibrated)
+    assert len(merged) == 1 and int(merged[0].count[0]) == 3 * 8 * 8  # 3 images; layer 0 at stride 8 of 64 px
+    expected = max(float(ll.max()) for ll in (model.eval().log_likelihood_maps(model.encode(x))[0] for x in images))
+    assert float(model.anomaly_map.layer_max[0]) == pytest.approx(expected, rel=1e-5)
