@@ -34,7 +34,7 @@ class AnomalyMapGenerator(nn.Module):
 
     The map is smoothed with a Gaussian of ``sigma`` pixels (0 disables it): anomalib's kernel size and
     reflect border, applied as two 1-D passes (kornia's separable filter), so ``2k`` instead of ``k**2``
-    multiply-adds per pixel for a ``k``-tap kernel (33 at sigma 4: 9x faster than a 2-D convolution).
+    multiply-adds per pixel for a ``k``-tap kernel (33 taps at sigma 4).
     Image scores:
         * ``"map"``: the mean of the top ``top_k_percent`` % of map pixels, or the map's max when it is 0.
         * ``"layer_max"``: per layer, the most anomalous position's normalized score, averaged over layers.

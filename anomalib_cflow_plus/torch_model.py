@@ -76,25 +76,38 @@ class CflowPlusModel(nn.Module):
     """CFLOW-AD: a frozen encoder and one conditional normalizing-flow decoder per pooled layer.
 
     Args:
-        backbone: timm model name of the encoder. Its weights are loaded separately (see
-            :mod:`anomalib_cflow_plus.backbones`); construction never touches the network.
-        layers: Encoder levels (timm module names) to model, or ``None`` for the default.
-        condition_vector: ``P``, the positional-encoding dimension (a multiple of 4).
-        coupling_blocks: ``K``, coupling blocks per decoder.
-        clamp_alpha: Soft-clamp bound of the couplings' log-scale.
-        sigma: Gaussian smoothing of the anomaly map, in pixels.
-        top_k_percent: Share of map pixels averaged into the image score (0: the max).
-        score_mode: ``"paper"`` or ``"zscore"``, see :class:`AnomalyMapGenerator`.
-        image_score: ``"combined"``, ``"map"`` or ``"layer_max"``, see :class:`AnomalyMapGenerator`.
-        tile_condition: With anomalib's tiler (``tiler``, set by ``TilerConfigurationCallback``): ``"image"``
-            (default) stitches the tiles' features back into the whole image's feature maps, so every fiber is
-            conditioned on its position in the whole image; ``"tile"`` scores each tile on its own, conditioned on
-            positions within the tile, and stitches the log-likelihood maps. ``benchmarks/README.md`` (tiling)
-            has the measurement that chose the default.
+        backbone (str): timm model name of the encoder. Its weights are loaded by :meth:`load_pretrained`;
+            construction never touches the network. Defaults to ``"efficientnet_lite1"``.
+        layers (Sequence[str] | None): Encoder levels (timm module names) to model, or ``None`` for the
+            default (:func:`resolve_layers`). Defaults to ``None``.
+        condition_vector (int): ``P``, the positional-encoding dimension (a multiple of 4). Defaults to ``128``.
+        coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
+        clamp_alpha (float): Soft-clamp bound of the couplings' log-scale. Defaults to ``1.9``.
+        sigma (float): Gaussian smoothing of the anomaly map, in pixels. Defaults to ``4.0``.
+        top_k_percent (float): Share of map pixels averaged into the map's image score (0: the max). Defaults
+            to ``0.0``.
+        score_mode (str): ``"paper"`` or ``"zscore"``, see :class:`AnomalyMapGenerator`. Defaults to
+            ``"paper"``.
+        image_score (str): ``"combined"``, ``"map"`` or ``"layer_max"``, see :class:`AnomalyMapGenerator`.
+            Defaults to ``"combined"``.
+        tile_condition (str): With anomalib's tiler (``tiler``, set by ``TilerConfigurationCallback``):
+            ``"image"`` stitches the tiles' features back into the whole image's feature maps, so every fiber is
+            conditioned on its position in the whole image; ``"tile"`` scores each tile on its own, conditioned
+            on positions within the tile, and stitches the log-likelihood maps. ``benchmarks/README.md``
+            (tiling) has the measurement that chose the default. Defaults to ``"image"``.
 
     Attributes:
         tiler: anomalib's :class:`~anomalib.data.utils.tiler.Tiler`, or ``None`` (no tiling). Its tile size and
             stride must be multiples of the encoder's largest stride, so that tiles' feature maps line up.
+
+    Example:
+        >>> import torch
+        >>> from anomalib_cflow_plus.torch_model import CflowPlusModel
+        >>> model = CflowPlusModel(backbone="efficientnet_lite0").eval()
+        >>> model.encoder.out_dims
+        [40, 112, 320]
+        >>> len(model.log_likelihood_maps(model.encode(torch.rand(2, 3, 256, 256))))  # one (B, h_l, w_l) per layer
+        3
 
     """
 
@@ -129,7 +142,7 @@ class CflowPlusModel(nn.Module):
         names = [level["module"] for level in levels]
         # Integer out-indices spare the extractor a second probe model; its outputs are keyed by index.
         self.encoder = TimmFeatureExtractor(backbone, [names.index(layer) for layer in self.layers], pre_trained=False)
-        # NHWC: oneDNN's and cuDNN's fast convolution layout (about 2x faster on a 2-core CPU at batch 8), and
+        # NHWC: oneDNN's and cuDNN's fast convolution layout (README, "How CflowPlus works"), and
         # NHWC feature maps make each layer's fibers (B, h*w, C) a view rather than a copy. Loading weights
         # (``load_state_dict`` copies into these tensors) and moving devices keep the layout.
         self.encoder.to(memory_format=torch.channels_last)

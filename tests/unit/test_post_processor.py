@@ -109,3 +109,11 @@ def test_mode_and_rate_are_checkpointed():
 def test_invalid_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CflowPlusPostProcessor(**kwargs)
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    from anomalib_cflow_plus import post_processor
+
+    assert doctest.testmod(post_processor).failed == 0

@@ -196,3 +196,11 @@ def test_a_tiler_whose_tiles_cannot_line_up_is_refused(model, tiler, match):
     with pytest.raises(ValueError, match=match):
         model.tiler = tiler
     assert model.tiler is None
+
+
+def test_the_docstring_example_runs():
+    import doctest
+
+    from anomalib_cflow_plus import torch_model
+
+    assert doctest.testmod(torch_model).failed == 0
