@@ -282,8 +282,14 @@ class DataCheckCallback(Callback):
     the same files, so that all of them stop together.
 
     Args:
-        decode: Decode every image and mask; ``False`` keeps only the (free) empty-training-set check.
-        workers: Decoding threads; ``None`` for one per CPU, at most 8.
+        decode (bool): Decode every image and mask; ``False`` keeps only the (free) empty-training-set check.
+            Defaults to ``True``.
+        workers (int | None): Decoding threads; ``None`` for one per CPU, at most 8. Defaults to ``None``.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> from anomalib_cflow_plus.data import DataCheckCallback
+        >>> engine = Engine(callbacks=[DataCheckCallback(workers=2)])  # CflowPlus adds one itself
 
     """
 
