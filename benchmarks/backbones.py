@@ -19,35 +19,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from harness import (
+    DEFAULT_SEED,
+    METRIC_KEYS,
+    OUT_DIR,
+    EpochTimer,
+    cpu_engine,
+    demo_datamodule,
+    environment,
+    extract_metrics,
+    mean,
+    paired_ratio,
+    quiet_libraries,
+    write_json,
+)
+from lightning.pytorch import seed_everything
 from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-DEFAULT_SEED = 42
-BATCH_SIZE = 16
-NUM_WORKERS = 2
 # Test-metric names logged by CflowPlus's default evaluator -> short names used in the results.
-METRIC_KEYS: dict[str, str] = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
 
 
 @dataclass(frozen=True)
@@ -97,24 +100,6 @@ class LatencyResult:
     encoder_ms: float
     model_samples_ms: list[float] = field(repr=False)
     encoder_samples_ms: list[float] = field(repr=False)
-
-
-class EpochTimer(Callback):
-    """Wall time of every training epoch, from its start to its end (the end-of-epoch validation included)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start the epoch's clock."""
-        del trainer, pl_module
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Stop the epoch's clock."""
-        del trainer, pl_module
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -169,14 +154,6 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
     )
 
 
-def quiet_libraries() -> None:
-    """Silence the per-run warnings and info lines of Lightning, anomalib and timm."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 # ------------------------------------------------------------------------------------------------ accuracy
 
 
@@ -187,38 +164,13 @@ def build_model(backbone: str, image_size: int) -> CflowPlus:
     return CflowPlus(backbone=backbone, pre_processor=CflowPlus.configure_pre_processor((image_size, image_size)))
 
 
-def extract_metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Pick the benchmark metrics out of ``engine.test``'s result; fail loudly if one is missing."""
-    merged = {key: float(value) for result in results for key, value in result.items()}
-    missing = [key for key in METRIC_KEYS if key not in merged]
-    if missing:
-        msg = f"engine.test returned no {missing}; it returned {sorted(merged)}."
-        raise KeyError(msg)
-    return {short: merged[key] for key, short in METRIC_KEYS.items()}
-
-
 def train_and_test(backbone: str, texture: str, config: BenchmarkConfig) -> tuple[RunResult, CflowPlus]:
     """Fit and test one backbone on one texture; return its result and the trained model."""
     seed_everything(config.seed, workers=True)
     model = build_model(backbone, config.image_size)
-    datamodule = MVTecAD(
-        root=config.data_root,
-        category=texture,
-        train_batch_size=BATCH_SIZE,
-        eval_batch_size=BATCH_SIZE,
-        num_workers=NUM_WORKERS,
-    )
+    datamodule = demo_datamodule(config.data_root, texture)
     timer = EpochTimer()
-    engine = Engine(
-        callbacks=[timer],
-        logger=False,
-        max_epochs=config.epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=config.runs_root / backbone / texture,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = cpu_engine(config.runs_root / backbone / texture, config.epochs, [timer])
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
@@ -271,16 +223,6 @@ def measure_latency(models: dict[str, CflowPlus], image_size: int, repeats: int,
 # ------------------------------------------------------------------------------------------------- report
 
 
-def mean(values: Sequence[float]) -> float:
-    """Arithmetic mean (NaN for no values)."""
-    return sum(values) / len(values) if values else math.nan
-
-
-def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
-    """Median over rounds of ``samples[i] / reference[i]``: both were timed in the same round, so noise cancels."""
-    return statistics.median(a / b for a, b in zip(samples, reference, strict=True))
-
-
 def summarize(runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> list[dict[str, Any]]:
     """One summary row per backbone: metrics averaged over textures, per-texture metrics, timings.
 
@@ -330,23 +272,6 @@ def format_table(rows: Sequence[dict[str, Any]], reference: str) -> str:
             f"| {row['encoder_ms']:.1f} ({row['encoder_ratio_vs_first']:.2f}x) |",
         )
     return "\n".join(lines)
-
-
-def environment() -> dict[str, Any]:
-    """Versions and CPU facts that the timings depend on."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-    }
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, creating the folder (NaN stays NaN, as Python's json writes it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def payload(config: BenchmarkConfig, runs: Sequence[RunResult], latency: Sequence[LatencyResult]) -> dict[str, Any]:

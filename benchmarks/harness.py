@@ -1,20 +1,29 @@
-"""Shared helpers of the real-data benchmark and studies: data sets, metrics from arrays, caching.
+"""Shared helpers of every benchmark script: data sets, the CPU engine, metrics, timing summaries, JSON output.
 
-``real_data.py`` (the side-by-side benchmark) and ``real_studies.py`` (the studies that set CflowPlus's
-defaults) both use these; nothing here trains a model.
+Nothing here trains a model by itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
 from anomalib.metrics.aupro import _AUPRO
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
@@ -29,6 +38,10 @@ DEMO_PREFIX = "demo/"
 DEMO_512_ROOT = OUT_DIR / "demo_512"
 DEMO_512_SETTINGS: dict[str, int] = {"image_size": 512, "n_train": 32, "n_test_good": 12, "n_test_defect": 4}
 DEMO_512_PREFIX = "demo512/"
+DEFAULT_SEED = 42
+BATCH_SIZE = 16
+NUM_WORKERS = 2
+METRIC_KEYS: dict[str, str] = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
 
 
 def real_categories(data_root: Path) -> list[str]:
@@ -122,3 +135,84 @@ def source_digest(paths: Sequence[Path]) -> str:
 def spec_key(spec: dict[str, Any]) -> str:
     """A short, stable hash of a JSON-serializable job spec."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class EpochTimer(Callback):
+    """Wall time of every training epoch, from its start to its end (the end-of-epoch validation included)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the epoch's clock."""
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Stop the epoch's clock."""
+        del trainer, pl_module
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def quiet_libraries() -> None:
+    """Silence the per-run warnings and info lines of Lightning, anomalib and timm."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def extract_metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Pick the benchmark metrics out of ``engine.test``'s result; fail loudly if one is missing."""
+    merged = {key: float(value) for result in results for key, value in result.items()}
+    missing = [key for key in METRIC_KEYS if key not in merged]
+    if missing:
+        msg = f"engine.test returned no {missing}; it returned {sorted(merged)}."
+        raise KeyError(msg)
+    return {short: merged[key] for key, short in METRIC_KEYS.items()}
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean (NaN for no values)."""
+    return sum(values) / len(values) if values else math.nan
+
+
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``samples[i] / reference[i]``: both were timed in the same round, so noise cancels."""
+    return statistics.median(a / b for a, b in zip(samples, reference, strict=True))
+
+
+def environment() -> dict[str, Any]:
+    """Versions and CPU facts that the timings depend on."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON, creating the folder (NaN stays NaN, as Python's json writes it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def demo_datamodule(
+    root: Path, category: str, batch_size: int = BATCH_SIZE, num_workers: int = NUM_WORKERS, **kwargs: Any
+) -> MVTecAD:
+    """anomalib's ``MVTecAD`` over one category of an MVTec-layout folder, as every benchmark builds it."""
+    return MVTecAD(
+        root=root, category=category, train_batch_size=batch_size, eval_batch_size=batch_size,
+        num_workers=num_workers, **kwargs,
+    )  # fmt: skip
+
+
+def cpu_engine(root: Path, epochs: int, callbacks: Sequence[Callback] = (), **kwargs: Any) -> Engine:
+    """anomalib's ``Engine`` on one CPU device, without logger, progress bar or model summary."""
+    return Engine(
+        callbacks=list(callbacks), logger=False, max_epochs=epochs, accelerator="cpu", devices=1,
+        default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip

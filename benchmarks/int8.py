@@ -42,6 +42,7 @@ from anomalib.data import ImageBatch, MVTecAD
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, F1Score
+from harness import cpu_engine, demo_datamodule
 from lightning.pytorch import seed_everything
 from timing import round_robin_ms
 from torch.nn import functional as F  # noqa: N812
@@ -66,7 +67,7 @@ def quiet_libraries() -> None:
 
 def datamodule(root: Path, texture: str, batch_size: int) -> MVTecAD:
     """anomalib's MVTecAD over one demo texture."""
-    return MVTecAD(root=root, category=texture, train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=0)
+    return demo_datamodule(root, texture, batch_size=batch_size, num_workers=0)
 
 
 def trained_model(root: Path, texture: str, run_dir: Path, epochs: int, image_size: int, retrain: bool) -> Any:
@@ -80,15 +81,7 @@ def trained_model(root: Path, texture: str, run_dir: Path, epochs: int, image_si
     seed_everything(SEED, workers=True)
     pre_processor = True if image_size == 256 else CflowPlus.configure_pre_processor((image_size, image_size))
     model = CflowPlus(pre_processor=pre_processor)
-    engine = Engine(
-        max_epochs=epochs,
-        default_root_dir=run_dir,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = cpu_engine(run_dir, epochs)
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule(root, texture, 16))
     print(f"{texture}: trained in {time.perf_counter() - start:.0f} s", flush=True)

@@ -25,11 +25,9 @@ import timm
 import torch
 from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from anomalib.models import Cflow, Fastflow, Patchcore
 from anomalib.models.components import AnomalibModule
-from backbones import extract_metrics
-from harness import dataset_location
+from harness import cpu_engine, dataset_location, demo_datamodule, extract_metrics
 from lightning.pytorch import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 from memory import process_peak_rss_mb
@@ -108,7 +106,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     model, encoder, layers = build_model(spec)
     load_encoder_weights(encoder, packaged_state_dict(spec["backbone"]), spec["backbone"])
     root, category = dataset_location(spec["dataset"], Path(spec["data_root"]))
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0)
+    datamodule = demo_datamodule(root, category, batch_size=16, num_workers=0)
     datamodule.setup(TrainerFn.FITTING)  # set up once, so that the subsample below stays
     train_images = len(datamodule.train_data)
     limit = spec.get("max_train_images")
@@ -119,16 +117,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     tile = spec.get("tile")  # [tile size, stride] for anomalib's tiler
     callbacks = [TilerConfigurationCallback(enable=True, tile_size=tile[0], stride=tile[1])] if tile else []
     with tempfile.TemporaryDirectory() as run_dir:
-        engine = Engine(
-            callbacks=callbacks,
-            logger=False,
-            max_epochs=spec["epochs"],
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=run_dir,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        engine = cpu_engine(Path(run_dir), spec["epochs"], callbacks)
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         train_s = time.perf_counter() - start

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from anomalib.models.components.filters.blur import compute_kernel_size
 from harness import (
@@ -45,7 +44,9 @@ from harness import (
     DEMO_PREFIX,
     OUT_DIR,
     aupro,
+    cpu_engine,
     dataset_location,
+    demo_datamodule,
     format_spread,
     image_auroc,
     is_real,
@@ -154,20 +155,10 @@ def train(
     seed_everything(seed, workers=True)
     size = config["image_size"]
     model = CflowPlus(pre_processor=AnomalibModule.configure_pre_processor((size, size)), **config["kwargs"])
-    datamodule = MVTecAD(root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0)
+    datamodule = demo_datamodule(root, category, batch_size=16, num_workers=0)
     datamodule.setup()
     dump = LogLikelihoodDump(datamodule, out_dir, every_epoch)
-    engine = Engine(
-        callbacks=[dump],
-        logger=False,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=out_dir / "run",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    engine = cpu_engine(out_dir / "run", epochs, [dump], limit_val_batches=0)
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     save_ground_truth(datamodule, out_dir, size)

@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
-from backbones import BATCH_SIZE, DEFAULT_SEED, NUM_WORKERS, OUT_DIR, EpochTimer, extract_metrics, quiet_libraries
+from harness import DEFAULT_SEED, OUT_DIR, EpochTimer, cpu_engine, demo_datamodule, extract_metrics, quiet_libraries
 from lightning.pytorch import seed_everything
 
 from anomalib_cflow_plus import CflowPlus
@@ -74,24 +72,9 @@ def train_and_test(variant: dict[str, Any], backbone: str, texture: str, data_ro
     """Fit and test one variant on one texture; return metrics and timings."""
     seed_everything(DEFAULT_SEED, workers=True)
     model = CflowPlus(backbone=backbone, **variant)
-    datamodule = MVTecAD(
-        root=data_root,
-        category=texture,
-        train_batch_size=BATCH_SIZE,
-        eval_batch_size=BATCH_SIZE,
-        num_workers=NUM_WORKERS,
-    )
+    datamodule = demo_datamodule(data_root, texture)
     timer = EpochTimer()
-    engine = Engine(
-        callbacks=[timer],
-        logger=False,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=OUT_DIR / "runs" / "recipes",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = cpu_engine(OUT_DIR / "runs" / "recipes", epochs, [timer])
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 from anomalib.data import ImageBatch, MVTecAD
-from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC
-from backbones import BATCH_SIZE, DEFAULT_SEED, NUM_WORKERS, OUT_DIR, extract_metrics
+from harness import DEFAULT_SEED, OUT_DIR, cpu_engine, demo_datamodule, extract_metrics
 from lightning.pytorch import seed_everything
 from recipes import parse_common_arguments, prepare_demo_data
 from torch.nn import functional as F  # noqa: N812
@@ -40,22 +39,8 @@ def evaluate_modes(texture: str, data_root: Path, backbone: str, epochs: int) ->
     """Train once on ``texture``, then validate and test in every score mode."""
     seed_everything(DEFAULT_SEED, workers=True)
     model = CflowPlus(backbone=backbone)
-    datamodule = MVTecAD(
-        root=data_root,
-        category=texture,
-        train_batch_size=BATCH_SIZE,
-        eval_batch_size=BATCH_SIZE,
-        num_workers=NUM_WORKERS,
-    )
-    engine = Engine(
-        logger=False,
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=OUT_DIR / "runs" / "scoring",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    datamodule = demo_datamodule(data_root, texture)
+    engine = cpu_engine(OUT_DIR / "runs" / "scoring", epochs)
     engine.fit(model=model, datamodule=datamodule)
     results = {}
     for mode in SCORE_MODES:

@@ -30,7 +30,7 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
-from backbones import extract_metrics
+from harness import extract_metrics
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from pair_models import (
     SharedSettings,
