@@ -54,8 +54,9 @@ def cli_seed_setting(trainer: Trainer) -> int | bool | None:
 def apply_cli_seed(trainer: Trainer) -> bool:
     """Seed the process from the CLI's ``--seed_everything``, as Lightning's own CLI does; return whether it did.
 
-    An integer seeds with it; ``True`` (the CLI's default) picks a random seed, or ``PL_GLOBAL_SEED`` if set,
-    and logs it, so that the run can be repeated; ``False`` or no CLI config leaves the process unseeded.
+    An integer seeds with it; ``True`` (the CLI's default) seeds with ``PL_GLOBAL_SEED`` if it is set, else with
+    0 (Lightning's rule for ``seed_everything(None)``, which its own CLI applies to ``True`` too); either way the
+    seed is logged. ``False`` or no CLI config leaves the process unseeded.
     """
     setting = cli_seed_setting(trainer)
     if setting is None or setting is False:

@@ -49,7 +49,10 @@ def similar_backbones(backbone: str, count: int = 8) -> str:
         close = [name for name in names if backbone.lower() in name][:count]
     if close:
         return f"the closest are: {', '.join(close)}."
-    return 'list them with: python -c "import timm; print(timm.list_models())".'
+    return (
+        "efficientnet_lite0, efficientnet_lite1 and efficientnet_lite2 have packaged ImageNet weights (offline); list "
+        'every name with: python -c "import timm; print(timm.list_models())".'
+    )
 
 
 def resolve_layers(backbone: str, layers: Sequence[str] | None, levels: Sequence[dict]) -> list[str]:

@@ -88,6 +88,22 @@ def test_unknown_backbone_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
+    ("backbone", "suggested"),
+    [("resnt18", "the closest are: resnet18,"), ("efficientnet_lite", "efficientnet_lite1"), ("resnet", "resnet18")],
+)
+def test_unknown_backbone_lists_close_timm_names(backbone, suggested):
+    with pytest.raises(ValueError, match="Unknown backbone") as error:
+        CflowPlusModel(backbone=backbone)
+    assert suggested in str(error.value)
+
+
+def test_unknown_backbone_without_close_names_says_what_works_offline():
+    with pytest.raises(ValueError, match="packaged ImageNet weights") as error:
+        CflowPlusModel(backbone="not_a_model")
+    assert "timm.list_models()" in str(error.value)
+
+
+@pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"condition_vector": 126}, "multiple of 4"),
