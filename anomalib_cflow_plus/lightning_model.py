@@ -1,10 +1,9 @@
 """CflowPlus: CFLOW-AD as an anomalib model (Gudovskiy et al., WACV 2022, arXiv:2107.12571).
 
-Training follows the paper's recipe: the frozen encoder's features are split, per layer, into
-random sub-batches of ``fiber_batch_size`` fibers, and each sub-batch makes one Adam step on the
-``-log sigmoid`` of its per-dimension log-likelihood. After the decoders change, per-layer
-calibration constants are fitted on the normal training images, so that scores are
-batch-independent and mean the same thing in training, in an exported model and for one image.
+What CflowPlus does in training and evaluation, read top to bottom: it builds the torch model
+(:mod:`~.torch_model`) and its anomalib components, seeds CLI runs (:mod:`~.seeding`), checks the data, loads the
+encoder's weights when a fresh fit starts, trains the decoders on random fiber sub-batches (:mod:`~.training`),
+refits the calibration whenever the decoders change (:mod:`~.calibration`) and refuses to score without it.
 """
 
 from __future__ import annotations
