@@ -115,6 +115,21 @@ class CalibrationCallback(Callback):
         """Calibrate after the last training batches if validation did not follow them."""
         self._calibrate_if_stale(trainer, pl_module)
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: CflowPlus, checkpoint: dict[str, Any]) -> None:
+        """Calibrate a checkpoint taken after training batches that no validation followed.
+
+        E.g. with ``limit_val_batches=0`` or no validation split: the checkpoint of the epoch's end would
+        otherwise hold the previous (or no) calibration, and a model loaded from it would refuse to score.
+        """
+        if not self.stale:
+            return
+        self._calibrate_if_stale(trainer, pl_module)
+        state = checkpoint.get("state_dict", {})
+        for name, value in pl_module.model.anomaly_map.state_dict().items():
+            key = f"model.anomaly_map.{name}"
+            if key in state:
+                state[key] = value.detach().clone()
+
     def _calibrate_if_stale(self, trainer: Trainer, pl_module: CflowPlus) -> None:
         if self.stale:
             pl_module.calibrate(training_images(trainer, pl_module))

@@ -78,3 +78,24 @@ def test_calibrate_fits_the_model_constants_and_restores_its_mode():
     assert len(merged) == 1 and int(merged[0].count[0]) == 3 * 8 * 8  # 3 images; layer 0 at stride 8 of 64 px
     expected = max(float(ll.max()) for ll in (model.eval().log_likelihood_maps(model.encode(x))[0] for x in images))
     assert float(model.anomaly_map.layer_max[0]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow  # trains a model
+def test_a_checkpoint_without_validation_is_calibrated(tiny_dataset, tmp_path):
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from ..helpers import tiny_datamodule
+
+    seed_everything(0)
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1, visualizer=False)
+    engine = Engine(max_epochs=1, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                    limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
+    engine.fit(model, datamodule=tiny_datamodule(tiny_dataset))
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
+    restored = CflowPlus.load_from_checkpoint(checkpoint)
+    assert bool(restored.model.anomaly_map.calibrated)
+    torch.testing.assert_close(restored.model.anomaly_map.layer_max, model.model.anomaly_map.layer_max)
+    restored.on_test_epoch_start()  # it scores
