@@ -164,8 +164,9 @@ class CflowPlusExportMixin:
         metric_name = getattr(metric, "name", type(metric).__name__)
         reference = validate(model)
         calibration = calibration_dataset(model, datamodule)
+        flow_weights = decoder_weights(self.model.decoders)
         for int8_regions in ACCURACY_CONTROL_STAGES:
-            quantized = quantize(model, calibration, int8_regions, decoder_weights(self.model.decoders))
+            quantized = quantize(model, calibration, int8_regions, flow_weights)
             value = validate(quantized)
             regions = " and ".join(int8_regions)
             logger.info("INT8_ACQ, %s in INT8: %s %.4f (FP32 %.4f).", regions, metric_name, value, reference)

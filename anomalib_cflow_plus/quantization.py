@@ -107,7 +107,7 @@ def _uses_weight(op: Any, weights: Sequence[np.ndarray]) -> bool:
     """Whether one of ``op``'s operands is a constant equal to one of ``weights`` (or to its transpose)."""
     for source in op.inputs():
         node = source.get_source_output().get_node()
-        while node.get_type_name() in _WEIGHT_PATH_OPS and node.get_type_name() != "Constant":
+        while node.get_type_name() in _WEIGHT_PATH_OPS:
             node = node.input(0).get_source_output().get_node()
         if node.get_type_name() != "Constant":
             continue
