@@ -21,7 +21,7 @@ from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .errors import ConfigurationError
-from .flow import FiberActNorm, build_decoder, log_likelihood
+from .flow import FiberActNorm, build_decoder, grid_log_likelihood, log_likelihood
 
 TileCondition = Literal["image", "tile"]
 TILE_CONDITIONS: tuple[str, ...] = ("image", "tile")
@@ -249,13 +249,17 @@ class CflowPlusModel(nn.Module):
         return log_likelihood(z, log_jac_det)
 
     def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Log-likelihood maps: L tensors ``(B, h_l, w_l)``; each layer's fibers go through its decoder at once."""
-        maps = []
-        for layer, layer_features in enumerate(features):
-            batch, _, height, width = layer_features.shape
-            fibers, condition = self.fibers(layer_features)
-            maps.append(self.fiber_log_likelihood(layer, fibers, condition).reshape(batch, height, width))
-        return maps
+        """Log-likelihood maps: L tensors ``(B, h_l, w_l)``; each layer's whole grid goes through its decoder at once.
+
+        Features ``(B, C_l, h_l, w_l)`` are NHWC in memory, so their fibers ``(B, h_l, w_l, C_l)`` are a view; the
+        decoders run in their inference form (:func:`~.flow.grid_log_likelihood`).
+        """
+        return [
+            grid_log_likelihood(
+                decoder, layer_features.permute(0, 2, 3, 1), self.condition(*layer_features.shape[-2:], layer_features)
+            )
+            for decoder, layer_features in zip(self.decoders, features, strict=True)
+        ]
 
     @property
     def normalizations(self) -> list[FiberActNorm]:

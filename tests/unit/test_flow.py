@@ -11,6 +11,7 @@ from anomalib_cflow_plus.flow import (
     FiberActNorm,
     build_decoder,
     flow_loss,
+    grid_log_likelihood,
     log_likelihood,
 )
 
@@ -133,7 +134,7 @@ def test_grid_condition_gives_the_same_likelihood_as_the_dense_condition():
     _randomize(decoder, seed=2)
     condition = grid_condition(8, height=3, width=5, dtype=torch.float64)
     fibers = torch.randn(2, 15, 10, dtype=torch.float64)
-    z_grid, log_det_grid = decoder(fibers, c=[condition])
+    z_grid, log_det_grid = decoder(fibers.reshape(2, 3, 5, 10), c=[condition])  # a whole grid: (B, h, w, C)
     dense = condition.dense()  # (15, 8)
     z_dense, log_det_dense = decoder(fibers.reshape(30, 10), c=[dense.repeat(2, 1)])
     torch.testing.assert_close(z_grid.reshape(30, 10), z_dense)
@@ -152,3 +153,40 @@ def test_permutation_gradient_is_the_inverse_gather():
     c = torch.randn(6, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: block([x], c=[c])[0][0], (x,))
     assert torch.autograd.gradcheck(lambda x: block([x], c=[c])[1], (x,))
+
+
+@pytest.mark.parametrize(("channels", "height", "width"), [(10, 3, 5), (41, 4, 2), (2, 1, 1)])
+def test_grid_log_likelihood_is_the_decoders_likelihood(channels, height, width):
+    # The inference form (one gather per inner permutation, none after the last coupling) scores as the decoder does.
+    decoder = build_decoder(channels=channels, condition_dim=8, coupling_blocks=4, seed=3)
+    decoder[0].initialize(torch.randn(64, channels))
+    _randomize_couplings(decoder, scale=0.1)
+    condition = grid_condition(8, height, width)
+    fibers = torch.randn(3, height, width, channels)
+    expected = log_likelihood(*decoder(fibers.reshape(-1, channels), c=[condition.dense().repeat(3, 1)]))
+    with torch.no_grad():
+        scored = grid_log_likelihood(decoder, fibers, condition)
+    assert scored.shape == (3, height, width)
+    assert expected.abs().max() > 1.0  # a decoder far from the identity
+    torch.testing.assert_close(scored.reshape(-1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_log_likelihood_takes_the_channels_last_view_of_nhwc_features():
+    decoder = build_decoder(channels=6, condition_dim=4, coupling_blocks=2)
+    _randomize_couplings(decoder, scale=0.3)
+    features = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last)
+    fibers = features.permute(0, 2, 3, 1)
+    assert fibers.is_contiguous()  # a view of NHWC memory: no copy
+    condition = grid_condition(4, 3, 4)
+    torch.testing.assert_close(
+        grid_log_likelihood(decoder, fibers, condition), grid_log_likelihood(decoder, fibers.contiguous(), condition)
+    )
+
+
+def _randomize_couplings(decoder: torch.nn.Module, scale: float) -> None:
+    """Random subnet weights, the ActNorm left as it is."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, parameter in decoder.named_parameters():
+            if ".subnet." in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))

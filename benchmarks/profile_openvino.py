@@ -1,0 +1,128 @@
+"""Per-op profile of an exported CflowPlus in OpenVINO: where the time of one inference goes.
+
+Exports an untrained CflowPlus (speed does not depend on the weights; :func:`pair_models.prepare_for_inference`
+gives it weights shaped like a trained one's) and runs it with OpenVINO's ``PERF_COUNT``, with the ``f32`` hint
+and at OpenVINO's defaults (bf16 on CPUs that have it). Each executed node's time is summed over ``--repeats``
+inferences, after warm-up, and reported per region of the graph (:func:`~anomalib_cflow_plus.quantization.
+graph_regions`: encoder, flows, scoring tail) and per executed op type, with the count of executed nodes.
+
+Usage::
+
+    python benchmarks/profile_openvino.py [--backbone efficientnet_lite0] [--batch 1 8] [--repeats 50]
+
+Writes ``benchmarks/out/profile_openvino.json`` and prints one table per batch size and precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import torch
+from harness import OUT_DIR, quiet_libraries, write_json
+from pair_models import prepare_for_inference
+
+from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.quantization import decoder_weights, graph_regions
+
+
+def region_of_nodes(model: ov.Model, decoders: torch.nn.Module) -> dict[str, str]:
+    """Friendly name of every op of the exported model -> ``"encoder"``, ``"flows"`` or ``"tail"``."""
+    try:
+        regions = graph_regions(model, decoder_weights(decoders))
+    except ValueError:
+        regions = graph_regions(model)
+    return {name: region for region in ("encoder", "flows", "tail") for name in getattr(regions, region)}
+
+
+def profile(compiled: ov.CompiledModel, images: np.ndarray, repeats: int, warmup: int = 5) -> list[Any]:
+    """Run ``compiled`` ``warmup + repeats`` times; return the profiling info of each timed run."""
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer({0: images})
+    runs = []
+    for _ in range(repeats):
+        request.infer({0: images})
+        runs.append(request.profiling_info)
+    return runs
+
+
+def summarize(runs: list[Any], regions: dict[str, str]) -> dict[str, Any]:
+    """Median-free summary: mean ms per inference by region and by (region, exec type), and node counts."""
+    by_region: collections.Counter[str] = collections.Counter()
+    by_type: collections.Counter[tuple[str, str]] = collections.Counter()
+    nodes: collections.Counter[tuple[str, str]] = collections.Counter()
+    for index, run in enumerate(runs):
+        for info in run:
+            if info.status != ov.ProfilingInfo.Status.EXECUTED:
+                continue
+            # A fused node carries the name of its first op; names that the compiler made up go to "other".
+            region = regions.get(info.node_name, regions.get(info.node_name.split("/")[0], "other"))
+            milliseconds = info.real_time.total_seconds() * 1e3 / len(runs)
+            by_region[region] += milliseconds
+            key = (region, f"{info.node_type}:{info.exec_type.split('_')[0]}")
+            by_type[key] += milliseconds
+            if index == 0:
+                nodes[key] += 1
+    return {
+        "total_ms": sum(by_region.values()),
+        "regions_ms": dict(by_region),
+        "region_nodes": {region: sum(n for (r, _), n in nodes.items() if r == region) for region in by_region},
+        "op_types": [
+            {"region": region, "op": op, "ms": ms, "nodes": nodes[region, op]}
+            for (region, op), ms in by_type.most_common()
+        ],
+    }
+
+
+def print_summary(title: str, summary: dict[str, Any], top: int) -> None:
+    """One markdown table: regions first, then the ``top`` most costly op types."""
+    print(f"\n### {title}: {summary['total_ms']:.2f} ms per inference (sum of executed nodes)\n")
+    print("| region / op type | executed nodes | ms |\n|---|---|---|")
+    for region, ms in sorted(summary["regions_ms"].items(), key=lambda item: -item[1]):
+        print(f"| **{region}** | {summary['region_nodes'][region]} | {ms:.2f} |")
+    for row in summary["op_types"][:top]:
+        print(f"| {row['region']} {row['op']} | {row['nodes']} | {row['ms']:.2f} |")
+
+
+def main() -> None:
+    """Export, profile every batch size and precision, print and save."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="extra CflowPlus arguments, as JSON")
+    args = parser.parse_args()
+    quiet_libraries()
+    torch.manual_seed(0)
+    model = prepare_for_inference(CflowPlus(backbone=args.backbone, **args.model_kwargs), args.image_size)
+    results: dict[str, Any] = {"backbone": args.backbone, "image_size": args.image_size, "profiles": []}
+    with tempfile.TemporaryDirectory() as export_root:
+        path = model.to_openvino(export_root=export_root, input_size=(args.image_size, args.image_size))
+        ov_model = ov.Core().read_model(path)
+        regions = region_of_nodes(ov_model, model.model.decoders)
+        for precision in ("f32", "default"):
+            config = {"PERF_COUNT": "YES", "INFERENCE_NUM_THREADS": str(args.threads)}
+            if precision == "f32":
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+            compiled = ov.Core().compile_model(ov_model, "CPU", config)
+            for batch in args.batch:
+                images = np.random.default_rng(0).random((batch, 3, args.image_size, args.image_size), np.float32)
+                summary = summarize(profile(compiled, images, args.repeats), regions)
+                summary.update(precision=precision, batch=batch)
+                results["profiles"].append(summary)
+                print_summary(f"{args.backbone}, {precision}, batch {batch}", summary, args.top)
+    write_json(OUT_DIR / "profile_openvino.json", results)
+
+
+if __name__ == "__main__":
+    main()
