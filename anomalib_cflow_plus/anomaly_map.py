@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 from anomalib.models.components.filters.blur import compute_kernel_size
-from kornia.filters import GaussianBlur2d
+from kornia.filters import get_gaussian_kernel1d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -32,9 +32,12 @@ class AnomalyMapGenerator(nn.Module):
           couples images in a batch); the map is ``L - sum_l upsample(p_l)``.
         * ``"zscore"``: per layer ``(mean_l - ll_l) / std_l``, upsampled and averaged over layers.
 
-    The map is smoothed with a Gaussian of ``sigma`` pixels (0 disables it): anomalib's kernel size and
-    reflect border, applied as two 1-D passes (kornia's separable filter), so ``2k`` instead of ``k**2``
-    multiply-adds per pixel for a ``k``-tap kernel (33 taps at sigma 4).
+    The map is upsampled bilinearly (``align_corners=False``, as ``F.interpolate``) and smoothed with a Gaussian of
+    ``sigma`` pixels (0 disables it), with anomalib's kernel size and a reflect border. Both are linear and
+    separable, so each layer's upsampling and smoothing along an axis is one small matrix
+    (:func:`smoothed_upsampling`), and the whole map is two matrix products: each layer's scores times its column
+    matrix, then all layers at once times the stacked row matrices. There is no full-size intermediate per layer,
+    and no separate smoothing pass.
     Image scores:
         * ``"map"``: the mean of the top ``top_k_percent`` % of map pixels, or the map's max when it is 0.
         * ``"layer_max"``: per layer, the most anomalous position's normalized score, averaged over layers.
@@ -78,8 +81,7 @@ class AnomalyMapGenerator(nn.Module):
         self.score_mode = score_mode
         self.top_k_percent = top_k_percent
         self.image_score_mode = image_score
-        kernel_size = compute_kernel_size(sigma)
-        self.blur = GaussianBlur2d(kernel_size, (sigma, sigma), separable=True) if sigma > 0 else nn.Identity()
+        self.sigma = sigma
         self.register_buffer("layer_max", torch.zeros(num_layers))
         self.register_buffer("layer_mean", torch.zeros(num_layers))
         self.register_buffer("layer_std", torch.ones(num_layers))
@@ -114,12 +116,7 @@ class AnomalyMapGenerator(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Aggregate L maps ``(B, h_l, w_l)`` into ``anomaly_map (B, 1, H, W)`` and ``pred_score (B,)``."""
         layer_scores = self.layer_scores(log_likelihoods)
-        upsampled = [
-            F.interpolate(score, size=image_size, mode="bilinear", align_corners=False) for score in layer_scores
-        ]
-        aggregate = torch.stack(upsampled).sum(dim=0)
-        anomaly_map = len(upsampled) - aggregate if self.score_mode == "paper" else aggregate / len(upsampled)
-        anomaly_map = self.blur(anomaly_map)
+        anomaly_map = self.smoothed_map(layer_scores, image_size)
         if self.image_score_mode == "map":
             return anomaly_map, self.image_score(anomaly_map)
         layer_max = self.layer_max_score(layer_scores)
@@ -129,6 +126,24 @@ class AnomalyMapGenerator(nn.Module):
         if self.score_mode == "paper":
             map_score = map_score / len(layer_scores)
         return anomaly_map, 0.5 * (map_score + layer_max)
+
+    def smoothed_map(self, layer_scores: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        """L layer scores ``(B, 1, h_l, w_l)`` -> the smoothed anomaly map ``(B, 1, H, W)``.
+
+        ``"paper"``: ``L - smooth(sum_l upsample(p_l))``, computed as ``sum_l smooth(upsample(1 - p_l))`` (the same,
+        as both maps keep constants), which stays accurate in bf16, where ``L - (a sum near L)`` would not;
+        ``"zscore"``: the layers' mean. Each term is ``R_l @ s_l @ C_l.T`` with ``R_l (H, h_l)`` and ``C_l (W, w_l)``
+        from :func:`smoothed_upsampling`.
+        """
+        height, width = image_size
+        count = len(layer_scores)
+        anomalies = [1.0 - score if self.score_mode == "paper" else score / count for score in layer_scores]
+        rows, spread = [], []
+        for anomaly in anomalies:
+            like = (anomaly.device, anomaly.dtype)
+            rows.append(smoothed_upsampling(anomaly.shape[-2], height, self.sigma, *like))
+            spread.append(anomaly @ smoothed_upsampling(anomaly.shape[-1], width, self.sigma, *like).T)  # (B,1,h_l,W)
+        return torch.cat(rows, dim=1) @ torch.cat(spread, dim=-2)  # (H, sum h_l) @ (B, 1, sum h_l, W)
 
     def layer_max_score(self, layer_scores: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean over layers of each layer's most anomalous position: L maps ``(B, 1, h_l, w_l)`` -> ``(B,)``.
@@ -149,3 +164,31 @@ class AnomalyMapGenerator(nn.Module):
             return flat.amax(dim=1)
         k = max(1, round(flat.shape[1] * self.top_k_percent / 100.0))
         return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def smoothed_upsampling(
+    size: int,
+    output_size: int,
+    sigma: float,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Build the linear map of bilinear upsampling then Gaussian smoothing along one axis, ``(output_size, size)``.
+
+    Row ``i`` holds the weights of the ``size`` inputs in output ``i``. Upsampling is ``F.interpolate``
+    (``align_corners=False``) of each unit vector; smoothing (``sigma`` > 0) is kornia's Gaussian with anomalib's
+    kernel size and a reflect border, applied as a weighted sum of reflected rows, which an exporter folds into a
+    constant (a convolution of constants it does not fold). Upsampling and smoothing a map ``(h, w)`` is then
+    ``smoothed_upsampling(h, H) @ map @ smoothed_upsampling(w, W).T``, as the 2-D filters are separable.
+    """
+    basis = torch.eye(size, device=device, dtype=dtype)[None]  # (1, size, size): one unit vector per channel
+    weights = F.interpolate(basis, size=output_size, mode="linear", align_corners=False)[0].T  # (output, size)
+    if sigma == 0:
+        return weights
+    kernel = get_gaussian_kernel1d(compute_kernel_size(sigma), sigma, device=device, dtype=dtype)[0]  # (k,)
+    taps = (
+        torch.arange(output_size, device=device)[:, None] + torch.arange(len(kernel), device=device) - len(kernel) // 2
+    )
+    taps = taps.abs()  # reflect at the first row, and at the last:
+    taps = torch.where(taps > output_size - 1, 2 * (output_size - 1) - taps, taps)  # (output, k)
+    return (weights[taps] * kernel[:, None]).sum(dim=1)

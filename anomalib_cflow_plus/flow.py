@@ -83,16 +83,18 @@ class ConditionalSubnet(nn.Module):
     def grid_hidden(self, fibers: torch.Tensor, condition: GridCondition) -> torch.Tensor:
         """First layer for a whole grid: fibers ``(..., h, w, C_in)`` -> ``(..., h, w, hidden)``.
 
-        The condition is projected once per row and once per column; the rows' ``(h, 1, hidden)`` term (which carries
-        the bias) and the columns' ``(w, hidden)`` term are broadcast-added to the projected fibers, so neither the
-        dense condition nor their sum is formed as a constant ``(h, w, hidden)`` tensor, which OpenVINO would fold
-        and store: 8 such constants made a resnet18's IR 2.4x the size of its weights.
+        The condition is projected once per row and once per column. The rows' term ``(h, 1, hidden)``, which carries
+        the bias, is broadcast-added to the projected fibers; the columns' term goes in through a ``(..., h,
+        w * hidden)`` view, in which it is one vector. Two broadcast adds in a row would be reassociated by
+        OpenVINO's conversion into one add of a folded ``(h, w, hidden)`` constant per coupling, which the IR
+        then stores: +28% for a 256-px lite1, and 16 times more at 1024 px.
         """
         half = condition.columns.shape[-1]
         weight = self.condition_in.weight
         rows = condition.rows @ weight[:, half:].T + self.fiber_in.bias  # (h, hidden)
         columns = condition.columns @ weight[:, :half].T  # (w, hidden)
-        return F.linear(fibers, self.fiber_in.weight) + rows[:, None, :] + columns
+        hidden = F.linear(fibers, self.fiber_in.weight) + rows[:, None, :]  # (..., h, w, hidden)
+        return (hidden.flatten(start_dim=-2) + columns.flatten()).unflatten(-1, columns.shape)
 
     def forward(self, fibers: torch.Tensor, condition: torch.Tensor | GridCondition) -> torch.Tensor:
         """Fibers ``(..., C_in)`` with their condition -> ``(..., out_features)``.

@@ -111,6 +111,37 @@ class CflowPlusPostProcessor(PostProcessor):
         self.normal_fpr = normal_fpr
         self._normal_scores = NormalScores()
 
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None,
+        norm_min: torch.Tensor,
+        norm_max: torch.Tensor,
+        threshold: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Anomalib's min-max normalization around the threshold, in one pass over the pixels.
+
+        anomalib's own computes the normal, the zero-range and the no-range results for every pixel and picks one
+        with three ``where`` (in OpenVINO: 4 ``Greater``, 4 ``Select`` and 2 ``Less`` over each map, 1.5 ms per
+        256-px image on a 2-core CPU). The pick depends on the scalars alone, so here the scalars pick the
+        coefficients of ``clamp((preds - center) / scale + 0.5, low, high)``, one fused elementwise op:
+
+        * a range: anomalib's arithmetic exactly, ``center`` the threshold (the mid-range when it is NaN), bounds 0, 1;
+        * a zero range (``min == max``): anomalib's step, 1 above the threshold, 0 below, 0.5 on it, as a slope of
+          ``1 / finfo.tiny``; only differences from the threshold below ``finfo.tiny / 2`` (1e-38) land in between;
+        * no range (``min`` or ``max`` NaN, never normalized): the predictions, through ``(preds - 0.5) + 0.5``.
+        """
+        if preds is None:
+            return preds
+        has_range = ~torch.isnan(norm_min) & ~torch.isnan(norm_max)
+        center = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
+        value_range = norm_max - norm_min
+        value_range = torch.where(value_range == 0, torch.finfo(preds.dtype).tiny, value_range)
+        scale = torch.where(has_range, value_range, 1.0)
+        center = torch.where(has_range, center, 0.5)
+        low = torch.where(has_range, 0.0, -torch.inf)
+        high = torch.where(has_range, 1.0, torch.inf)
+        return torch.clamp((preds - center) / scale + 0.5, low, high)
+
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
         """Keys of anomalib's post-processor, plus the threshold mode and the target false-positive rate."""

@@ -93,13 +93,17 @@ def reuse_onnx_export(model, onnx_path, monkeypatch):
     monkeypatch.setitem(model.__dict__, "to_onnx", lambda *args, **kwargs: onnx_path)
 
 
-def matmuls_per_decoder(graph):
-    """Number of ``Gemm``/``MatMul`` nodes of an exported ONNX graph per torch module scope ``model.decoders.<i>``."""
+def scope_of(node) -> str:
+    """The torch module scopes that an exported ONNX node came from, e.g. ``"model.decoders.0.module_list.1..."``."""
+    return {prop.key: prop.value for prop in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+
+
+def ops_per_decoder(graph, op_types=frozenset({"Gemm", "MatMul"})):
+    """Number of ``op_types`` nodes of an exported ONNX graph per module scope ``model.decoders.<i>``, or None."""
     counts = Counter()
     for node in graph.node:
-        if node.op_type in {"Gemm", "MatMul"}:
-            scopes = {prop.key: prop.value for prop in node.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
-            decoder = re.search(r"model\.decoders\.\d+", scopes)
+        if node.op_type in op_types:
+            decoder = re.search(r"model\.decoders\.\d+", scope_of(node))
             counts[decoder.group() if decoder else None] += 1
     return counts
 
@@ -129,9 +133,13 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(model, onnx_path, images, to
     assert not {node.op_type for node in graph.node} & LOOP_OPS, "a loop was exported"
     # One call per decoder: at 256 px the first decoder gets 16x the fibers of the last, and the same number of
     # matmuls. A loop over fiber chunks, unrolled by the exporter, would repeat the first decoder's more often.
-    per_decoder = matmuls_per_decoder(graph)
-    assert set(per_decoder) == {f"model.decoders.{index}" for index in range(len(model.model.decoders))}
-    assert len(set(per_decoder.values())) == 1, per_decoder
+    per_decoder = ops_per_decoder(graph)
+    decoders = {f"model.decoders.{index}" for index in range(len(model.model.decoders))}
+    assert set(per_decoder) == decoders | {None}
+    assert len({per_decoder[decoder] for decoder in decoders}) == 1, per_decoder
+    # The map's upsampling and smoothing: one product per layer, and one for all layers (the OpenVINO test checks
+    # that no resize or smoothing pass is left once the constant matrices are folded).
+    assert per_decoder[None] == len(decoders) + 1
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     names = [output.name for output in session.get_outputs()]
 
@@ -153,6 +161,20 @@ def test_openvino_export_matches_torch(model, trained_run, images, torch_predict
     # The IR holds the weights and little else: no positional condition folded into a (h*w, hidden) constant.
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.model.parameters())
     assert Path(path).with_suffix(".bin").stat().st_size <= 1.02 * weight_bytes
+    ir = ov.Core().read_model(path)
+    regions = graph_regions(ir, decoder_weights(model.model.decoders))
+    types = {
+        region: Counter(
+            op.get_type_name() for op in ir.get_ops() if op.get_friendly_name() in set(getattr(regions, region))
+        )
+        for region in ("flows", "tail")
+    }
+    # The map: matrix products, no resize, no smoothing convolution, no per-pixel Select.
+    assert not types["tail"].keys() & {"Interpolate", "Convolution", "GroupConvolution", "Select"}, types["tail"]
+    # The permutations: one Gather along the channels per inner coupling, none after the last, no transposes.
+    inner_couplings = len(model.model.decoders) * (model.model.coupling_blocks - 1)
+    assert types["flows"]["Gather"] == inner_couplings, types["flows"]
+    assert not types["flows"].keys() & {"GatherND", "Transpose", "ScatterNDUpdate"}, types["flows"]
     inferencer = OpenVINOInferencer(path=path, device="CPU", config=F32)
 
     def predict(image):
@@ -272,5 +294,5 @@ def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> 
     }
     assert matmuls["encoder"] == encoder_linears
     assert 0 < matmuls["flows"] <= flow_linears  # the condition's projections are folded into constants
-    assert matmuls["tail"] == 0
+    assert matmuls["tail"] == len(model.model.decoders) + 1  # the map's upsampling and smoothing
     assert set(regions.tail) == set(fp32_tail_names(exported, decoder_weights(model.model.decoders)))

@@ -63,13 +63,31 @@ def test_invalid_arguments(kwargs, match):
         AnomalyMapGenerator(3, **kwargs)
 
 
-def test_separable_smoothing_equals_anomalibs_2d_gaussian():
+@pytest.mark.parametrize("score_mode", ["paper", "zscore"])
+@pytest.mark.parametrize(("sigma", "image_size"), [(4.0, (64, 80)), (4.0, (40, 40)), (0.0, (24, 16)), (1.5, (17, 33))])
+def test_map_equals_upsampling_each_layer_then_anomalibs_2d_gaussian(score_mode, sigma, image_size):
+    # The reference is the map as written out: bilinear upsampling per layer, the sum, anomalib's 2-D blur.
     from anomalib.models.components import GaussianBlur2d
+    from torch.nn import functional as F  # noqa: N812
 
-    generator = AnomalyMapGenerator(num_layers=1, sigma=4.0)
-    maps = torch.rand(3, 1, 64, 80)
-    torch.testing.assert_close(generator.blur(maps), GaussianBlur2d(sigma=4.0, channels=1)(maps), atol=1e-5, rtol=0)
-    assert not torch.allclose(generator.blur(maps), maps, atol=1e-2)
+    generator = AnomalyMapGenerator(3, sigma=sigma, score_mode=score_mode)
+    generator.set_calibration(
+        torch.tensor([0.5, 0.2, 0.1]), torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([1.0, 2.0, 0.5])
+    )
+    maps = [
+        torch.randn(2, h, w, generator=torch.Generator().manual_seed(h)) - 1.0 for h, w in ((8, 10), (4, 5), (2, 3))
+    ]
+    upsampled = [
+        F.interpolate(s, size=image_size, mode="bilinear", align_corners=False) for s in generator.layer_scores(maps)
+    ]
+    aggregate = torch.stack(upsampled).sum(dim=0)
+    expected = 3 - aggregate if score_mode == "paper" else aggregate / 3
+    if sigma > 0:
+        expected = GaussianBlur2d(sigma=sigma, channels=1)(expected)
+    anomaly_map, _ = generator(maps, image_size=image_size)
+    assert anomaly_map.shape == (2, 1, *image_size)
+    torch.testing.assert_close(anomaly_map, expected, atol=1e-5, rtol=0)
+    assert expected.std() > 0.05  # not a flat map
 
 
 def _one_hot_maps() -> list[torch.Tensor]:

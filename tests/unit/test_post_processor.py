@@ -117,3 +117,29 @@ def test_the_docstring_example_runs():
     from anomalib_cflow_plus import post_processor
 
     assert doctest.testmod(post_processor).failed == 0
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("norm_min", "norm_max", "threshold", "exact"),
+    [
+        (-1.0, 2.0, 0.7, True),  # a range
+        (-1.0, 2.0, NAN, True),  # no threshold: the mid-range
+        (0.7, 0.7, 0.7, True),  # a zero range: a step at the threshold
+        (0.7, 0.7, NAN, True),
+        (NAN, 2.0, 0.7, False),  # never normalized: the predictions, to a rounding
+        (NAN, NAN, NAN, False),
+    ],
+)
+def test_one_pass_normalization_is_anomalibs(norm_min, norm_max, threshold, exact):
+    preds = torch.cat([3 * torch.randn(5000, generator=torch.Generator().manual_seed(0)), torch.tensor([0.7, 0.7001])])
+    bounds = [torch.tensor(value) for value in (norm_min, norm_max, threshold)]
+    expected = PostProcessor._normalize(preds, *bounds)
+    normalized = CflowPlusPostProcessor._normalize(preds, *bounds)
+    if exact:
+        assert torch.equal(normalized, expected)
+    else:
+        torch.testing.assert_close(normalized, expected, atol=1e-6, rtol=0)
+    assert CflowPlusPostProcessor._normalize(None, *bounds) is None
