@@ -46,7 +46,7 @@ class GridCondition(NamedTuple):
         rows: ``(h, P/2)`` encoding of each row.
         columns: ``(w, P/2)`` encoding of each column.
         row_index: ``(N,)`` row of each of N fibers, or ``None`` for every grid position in row-major
-            order (fibers laid out as ``(..., h*w, C)``).
+            order (fibers laid out as ``(..., h, w, C)``).
         column_index: ``(N,)`` column of each fiber, or ``None`` as above.
 
     """

@@ -145,8 +145,8 @@ class CflowPlusModel(nn.Module):
         names = [level["module"] for level in levels]
         # Integer out-indices spare the extractor a second probe model; its outputs are keyed by index.
         self.encoder = TimmFeatureExtractor(backbone, [names.index(layer) for layer in self.layers], pre_trained=False)
-        # NHWC: oneDNN's and cuDNN's fast convolution layout (README, "How CflowPlus works"), and
-        # NHWC feature maps make each layer's fibers (B, h*w, C) a view rather than a copy. Loading weights
+        # NHWC: oneDNN's and cuDNN's fast convolution layout (README, "How CflowPlus works"), and NHWC feature
+        # maps make each layer's fibers, (B, h, w, C) or (B, h*w, C), a view rather than a copy. Loading weights
         # (``load_state_dict`` copies into these tensors) and moving devices keep the layout.
         self.encoder.to(memory_format=torch.channels_last)
         self.encoder.requires_grad_(False)  # frozen: only the decoders learn

@@ -19,7 +19,6 @@ import argparse
 import collections
 import json
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,10 +33,7 @@ from anomalib_cflow_plus.quantization import decoder_weights, graph_regions
 
 def region_of_nodes(model: ov.Model, decoders: torch.nn.Module) -> dict[str, str]:
     """Friendly name of every op of the exported model -> ``"encoder"``, ``"flows"`` or ``"tail"``."""
-    try:
-        regions = graph_regions(model, decoder_weights(decoders))
-    except ValueError:
-        regions = graph_regions(model)
+    regions = graph_regions(model, decoder_weights(decoders))
     return {name: region for region in ("encoder", "flows", "tail") for name in getattr(regions, region)}
 
 

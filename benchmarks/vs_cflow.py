@@ -89,6 +89,7 @@ class BenchmarkConfig:
     json_path: Path
     quick: bool
     reuse_training: bool
+    latency_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the results of training jobs whose spec is unchanged (re-measure latency and sizes only)",
     )
     parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="no training jobs: time and size the models only (the tables leave training and accuracy empty)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test: 128 px, 8 train images, brick, 1 epoch, resnet18, 3 rounds, no wide_resnet50_2 export",
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_config(args: argparse.Namespace) -> BenchmarkConfig:
     """Turn parsed arguments into a config; ``--quick`` shrinks data, epochs, rounds and backbones."""
     quick = args.quick
-    name = "vs_cflow_quick" if quick else "vs_cflow"
+    name = "vs_cflow_quick" if quick else "vs_cflow_latency" if args.latency_only else "vs_cflow"
     return BenchmarkConfig(
         backbones=tuple(args.backbones or (BACKBONES[:1] if quick else BACKBONES)),
         textures=tuple(args.textures or (("brick",) if quick else ("brick", "grass", "gravel"))),
@@ -194,6 +200,7 @@ def build_config(args: argparse.Namespace) -> BenchmarkConfig:
         json_path=OUT_DIR / f"{name}.json",
         quick=quick,
         reuse_training=args.reuse_training,
+        latency_only=args.latency_only,
     )
 
 
@@ -252,7 +259,7 @@ def run_backbone(config: BenchmarkConfig, backbone: str, variants: Sequence[Vari
     settings = shared_settings(config, backbone)
     print(f"{backbone}: layers {list(settings.layers)}", flush=True)
     train = []
-    for variant in variants:
+    for variant in variants if not config.latency_only else ():
         for texture in config.textures:
             spec = {
                 **base_spec(config, settings),
