@@ -18,6 +18,7 @@ from anomalib.deploy import OpenVINOInferencer
 from anomalib.visualization.image.item_visualizer import visualize_image_item
 
 from anomalib_cflow_plus.data.checks import probe_image
+from anomalib_cflow_plus.quantization import cpu_inference_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -35,6 +36,8 @@ def load_inferencer(model: Path, device: str, f32: bool) -> OpenVINOInferencer:
     compiled here from a temporary folder instead, with ``CACHE_DIR`` set to :func:`openvino_cache_dir`.
     """
     config = {"CACHE_DIR": str(openvino_cache_dir())}
+    if device.upper() == "CPU":
+        config.update(cpu_inference_config(model))  # INT8 models: the f32 hint, which is faster for them
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     model, here = model.resolve(), Path.cwd()

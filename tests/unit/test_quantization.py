@@ -10,9 +10,11 @@ from torch import nn
 
 from anomalib_cflow_plus.quantization import (
     ModelInputs,
+    cpu_inference_config,
     decoder_weights,
     fp32_tail_names,
     graph_regions,
+    is_quantized,
     resolve_metric,
 )
 
@@ -34,14 +36,17 @@ def test_graph_regions_split_at_the_matmuls():
     regions = graph_regions(_flow_like_model())
     assert set(regions.encoder) == {"encoder"}
     assert set(regions.flows) == {"first", "hidden", "subnet"}
+    assert set(regions.flow_matmuls) == {"first", "subnet"}
     assert set(regions.tail) == {"square", "exp", "score", "label"}
     assert fp32_tail_names(_flow_like_model()) == list(regions.tail)
 
 
-def test_fp32_names_are_the_tail_and_the_regions_left_out_of_int8():
+def test_fp32_names_are_the_tail_the_regions_left_out_of_int8_and_the_flows_between_products():
     regions = graph_regions(_flow_like_model())
-    assert set(regions.fp32(["encoder", "flows"])) == set(regions.tail)
-    assert set(regions.fp32(["flows"])) == {*regions.tail, "encoder"}
+    # INT8 flows quantize the subnets' products alone; what lies between them (here the ReLU) stays FP32.
+    assert set(regions.fp32(["encoder", "flows"])) == {*regions.tail, "hidden"}
+    assert set(regions.fp32(["flows"])) == {*regions.tail, "encoder", "hidden"}
+    assert set(regions.fp32(["encoder"])) == {*regions.tail, *regions.flows}
     assert set(regions.fp32([])) == {*regions.tail, *regions.encoder, *regions.flows}
     with pytest.raises(ValueError, match="tail"):
         regions.fp32(["tail"])
@@ -118,3 +123,15 @@ def test_decoder_weights_are_the_linear_weights():
     shapes = [weight.shape for weight in decoder_weights(decoders)]
     assert shapes == [(3, 4), (2, 3), (2, 2)]
     assert all(weight.dtype == np.float32 for weight in decoder_weights(decoders))
+
+
+def test_int8_models_get_the_f32_hint_on_the_cpu(tmp_path):
+    model = _flow_like_model()
+    assert not is_quantized(model)
+    assert cpu_inference_config(model) == {}
+    image = model.get_parameters()[0]
+    low, high = ops.constant(np.float32(-1.0)), ops.constant(np.float32(1.0))
+    quantized = ov.Model([ops.fake_quantize(image, low, high, low, high, 256)], [image])
+    ov.save_model(quantized, tmp_path / "int8.xml")
+    assert is_quantized(quantized)
+    assert cpu_inference_config(tmp_path / "int8.xml") == {"INFERENCE_PRECISION_HINT": "f32"}
