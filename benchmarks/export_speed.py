@@ -21,6 +21,11 @@ Writes ``benchmarks/out/export_speed.json`` and prints a markdown table.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
+
 import argparse
 import functools
 import json
@@ -29,7 +34,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from anomalib.deploy import ExportType

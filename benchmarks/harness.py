@@ -5,6 +5,11 @@ Nothing here trains a model by itself.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
+
 import hashlib
 import json
 import logging
@@ -15,7 +20,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
