@@ -7,7 +7,7 @@ the calibration constants (buffers fitted on normal training fibers) alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from anomalib.models.components.filters.blur import compute_kernel_size
@@ -21,6 +21,8 @@ ScoreMode = Literal["paper", "zscore"]
 SCORE_MODES: tuple[str, ...] = ("paper", "zscore")
 ImageScore = Literal["combined", "map", "layer_max"]
 IMAGE_SCORES: tuple[str, ...] = ("combined", "map", "layer_max")
+ImageCalibration = Literal["auto", "layer", "position"]
+IMAGE_CALIBRATIONS: tuple[str, ...] = ("auto", "layer", "position")
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -46,6 +48,17 @@ class AnomalyMapGenerator(nn.Module):
           the top pixels, while a small defect can stand out more in one layer than in the sum.
         * ``"combined"``: the mean of the two, with the ``"map"`` score taken per layer (divided by ``L`` in
           ``"paper"`` mode, whose map sums the layers), so both terms share one scale.
+
+    Image calibration: the image score is taken, by the same ``image_score`` rule, from either the map's layer
+    scores (``"layer"``) or per-position z-scores ``(mean_p - ll) / std_p`` of each layer's log-likelihoods against
+    the normal training fibers at that position (``"position"``), computed in ``"zscore"`` form. On an aligned part
+    whose normal look varies in one region (a highlight whose brightness changes), every good image is least
+    likely in that region, so a defect elsewhere must beat it; against its own position's statistics the region
+    is ordinary. On parts that move or textures, position is the wrong key, and the score stays the layer's.
+    ``"auto"`` (:mod:`~.calibration`) picks per part from the good training images. The map is the layer
+    scores' in both cases: per position, it would rank pixels worse (``benchmarks/README.md``, normalization).
+    The statistics ``(h_l, w_l)`` are buffers, empty when the score is the layer's, resized bilinearly when a grid
+    of another size is scored.
 
     Args:
         num_layers (int): ``L``, the number of encoder layers.
@@ -86,14 +99,67 @@ class AnomalyMapGenerator(nn.Module):
         self.register_buffer("layer_mean", torch.zeros(num_layers))
         self.register_buffer("layer_std", torch.ones(num_layers))
         self.register_buffer("calibrated", torch.tensor(False))
+        for layer in range(num_layers):  # (h_l, w_l) with a position-calibrated image score, else empty
+            self.register_buffer(f"position_mean_{layer}", torch.zeros(0, 0))
+            self.register_buffer(f"position_std_{layer}", torch.zeros(0, 0))
+
+    @property
+    def position_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's per-position ``(mean, std)``, each ``(h_l, w_l)``; empty when the image score is the layer's."""
+        return [
+            (getattr(self, f"position_mean_{layer}"), getattr(self, f"position_std_{layer}"))
+            for layer in range(len(self.layer_max))
+        ]
+
+    @property
+    def position_calibrated(self) -> bool:
+        """Whether the image score comes from per-position z-scores (the calibration kept position statistics)."""
+        return all(mean.numel() > 0 for mean, _ in self.position_statistics)
 
     @torch.no_grad()
-    def set_calibration(self, maximum: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store the per-layer constants, each of shape ``(L,)``."""
+    def set_calibration(
+        self,
+        maximum: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        position_statistics: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """Store the per-layer constants, each ``(L,)``, and optionally each layer's per-position ``(mean, std)``.
+
+        ``position_statistics``: L pairs of ``(h_l, w_l)`` tensors; with them the image score is position-calibrated,
+        without them (``None``) it is the layer scores'.
+        """
         self.layer_max.copy_(maximum)
         self.layer_mean.copy_(mean)
         self.layer_std.copy_(std)
+        empty = torch.zeros(0, 0)
+        for layer in range(len(self.layer_max)):
+            position_mean, position_std = position_statistics[layer] if position_statistics else (empty, empty)
+            setattr(self, f"position_mean_{layer}", position_mean.to(self.layer_max).clone())
+            setattr(self, f"position_std_{layer}", position_std.to(self.layer_max).clone())
         self.calibrated.fill_(True)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take the position statistics at their saved grid size (or none, from a checkpoint without them)."""
+        for layer in range(len(self.layer_max)):
+            for name in (f"position_mean_{layer}", f"position_std_{layer}"):
+                saved = state_dict.setdefault(prefix + name, torch.zeros(0, 0))
+                setattr(self, name, torch.empty(saved.shape, device=self.layer_max.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def position_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-position z-scores ``(mean_p - ll) / std_p`` of L maps ``(B, h_l, w_l)``: L tensors ``(B, 1, h_l, w_l)``.
+
+        The statistics are resized bilinearly onto a grid of another size.
+        """
+        scores = []
+        for values, (mean, std) in zip(log_likelihoods, self.position_statistics, strict=True):
+            if mean.shape != values.shape[-2:]:
+                grid = values.shape[-2:]
+                mean = F.interpolate(mean[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
+                std = F.interpolate(std[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
+            scores.append(((mean.to(values.dtype) - values) / std.to(values.dtype)).unsqueeze(1))
+        return scores
 
     def layer_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Normalize each layer's ``(B, h_l, w_l)`` log-likelihoods into ``(B, 1, h_l, w_l)`` scores.
@@ -117,27 +183,42 @@ class AnomalyMapGenerator(nn.Module):
         """Aggregate L maps ``(B, h_l, w_l)`` into ``anomaly_map (B, 1, H, W)`` and ``pred_score (B,)``."""
         layer_scores = self.layer_scores(log_likelihoods)
         anomaly_map = self.smoothed_map(layer_scores, image_size)
-        if self.image_score_mode == "map":
-            return anomaly_map, self.image_score(anomaly_map)
-        layer_max = self.layer_max_score(layer_scores)
-        if self.image_score_mode == "layer_max":
-            return anomaly_map, layer_max
-        map_score = self.image_score(anomaly_map)
-        if self.score_mode == "paper":
-            map_score = map_score / len(layer_scores)
-        return anomaly_map, 0.5 * (map_score + layer_max)
+        if not self.position_calibrated:
+            return anomaly_map, self.scores_of(layer_scores, anomaly_map, self.score_mode)
+        position_scores = self.position_scores(log_likelihoods)
+        position_map = None  # the z-scores' own map, only where the image score reads a map
+        if self.image_score_mode != "layer_max":
+            position_map = self.smoothed_map(position_scores, image_size, "zscore")
+        return anomaly_map, self.scores_of(position_scores, position_map, "zscore")
 
-    def smoothed_map(self, layer_scores: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+    def scores_of(
+        self, layer_scores: Sequence[torch.Tensor], anomaly_map: torch.Tensor | None, score_mode: ScoreMode
+    ) -> torch.Tensor:
+        """Image scores ``(B,)`` by the ``image_score`` rule, from layer scores ``(B, 1, h_l, w_l)`` and their map."""
+        if self.image_score_mode == "map":
+            return self.image_score(anomaly_map)
+        layer_max = self.layer_max_score(layer_scores, score_mode)
+        if self.image_score_mode == "layer_max":
+            return layer_max
+        map_score = self.image_score(anomaly_map)
+        if score_mode == "paper":
+            map_score = map_score / len(layer_scores)
+        return 0.5 * (map_score + layer_max)
+
+    def smoothed_map(
+        self, layer_scores: Sequence[torch.Tensor], image_size: tuple[int, int], score_mode: ScoreMode | None = None
+    ) -> torch.Tensor:
         """L layer scores ``(B, 1, h_l, w_l)`` -> the smoothed anomaly map ``(B, 1, H, W)``.
 
         ``"paper"``: ``L - smooth(sum_l upsample(p_l))``, computed as ``sum_l smooth(upsample(1 - p_l))`` (the same,
         as both maps keep constants), which stays accurate in bf16, where ``L - (a sum near L)`` would not;
         ``"zscore"``: the layers' mean. Each term is ``R_l @ s_l @ C_l.T`` with ``R_l (H, h_l)`` and ``C_l (W, w_l)``
-        from :func:`smoothed_upsampling`.
+        from :func:`smoothed_upsampling`. ``score_mode`` defaults to the generator's.
         """
         height, width = image_size
         count = len(layer_scores)
-        anomalies = [1.0 - score if self.score_mode == "paper" else score / count for score in layer_scores]
+        paper = (score_mode or self.score_mode) == "paper"
+        anomalies = [1.0 - score if paper else score / count for score in layer_scores]
         rows, spread = [], []
         for anomaly in anomalies:
             like = (anomaly.device, anomaly.dtype)
@@ -145,16 +226,19 @@ class AnomalyMapGenerator(nn.Module):
             spread.append(anomaly @ smoothed_upsampling(anomaly.shape[-1], width, self.sigma, *like).T)  # (B,1,h_l,W)
         return torch.cat(rows, dim=1) @ torch.cat(spread, dim=-2)  # (H, sum h_l) @ (B, 1, sum h_l, W)
 
-    def layer_max_score(self, layer_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    def layer_max_score(
+        self, layer_scores: Sequence[torch.Tensor], score_mode: ScoreMode | None = None
+    ) -> torch.Tensor:
         """Mean over layers of each layer's most anomalous position: L maps ``(B, 1, h_l, w_l)`` -> ``(B,)``.
 
         In ``"paper"`` mode a layer's anomaly is ``1 - exp(ll - max_l)``, so its most anomalous position is
-        ``1 - min exp(ll - max_l)``.
+        ``1 - min exp(ll - max_l)``. ``score_mode`` defaults to the generator's.
         """
+        paper = (score_mode or self.score_mode) == "paper"
         extremes = []
         for score in layer_scores:
             flat = score.flatten(start_dim=1)
-            extremes.append(1.0 - flat.amin(dim=1) if self.score_mode == "paper" else flat.amax(dim=1))
+            extremes.append(1.0 - flat.amin(dim=1) if paper else flat.amax(dim=1))
         return torch.stack(extremes).mean(dim=0)
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:

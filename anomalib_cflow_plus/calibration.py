@@ -1,9 +1,9 @@
 """Calibration: per-layer constants fitted on the normal training images, so that scores are batch-independent.
 
-The constants (each layer's maximum, mean and std of normal log-likelihoods) turn log-likelihood maps into
-comparable per-layer scores (:class:`~.anomaly_map.AnomalyMapGenerator`). :class:`LayerStatistics` gathers them
-batch by batch, :func:`calibrate` runs a model over the images, and :class:`CalibrationCallback` refits them
-whenever the decoders have changed.
+The constants (each layer's maximum, mean and std of normal log-likelihoods, and, where the part needs them, each
+position's mean and std) turn log-likelihood maps into comparable per-layer scores
+(:class:`~.anomaly_map.AnomalyMapGenerator`). :class:`LayerStatistics` gathers them batch by batch, :func:`calibrate`
+runs a model over the images, and :class:`CalibrationCallback` refits them whenever the decoders have changed.
 """
 
 from __future__ import annotations
@@ -14,50 +14,123 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.nn import functional as F  # noqa: N812
 
 if TYPE_CHECKING:
     from .lightning_model import CflowPlus
     from .torch_model import CflowPlusModel
 
 
-class LayerStatistics:
-    """Streaming per-layer statistics of normal log-likelihoods: max, mean and std.
+# "auto" position-calibrates the image score when, in every layer, at least this share of the good training images
+# is least likely in one small window of the grid: most good images would score by that one place.
+PEAK_CONCENTRATION_THRESHOLD = 0.5
+# Per-position standard deviations are floored at this fraction of the layer's median one (a position whose
+# normal fibers hardly vary must not turn a small change into a large z-score).
+POSITION_STD_FLOOR = 0.5
 
-    Feed it ``update(log_likelihoods)`` batch by batch, then read the constants with :meth:`finalize`.
-    It keeps running sums (``total``, ``total_sq``, ``count``) and the running ``maximum``, in float64.
+
+def peak_window_radius(height: int, width: int) -> int:
+    """Half-side ``r`` of the ``(2r + 1)``-square window in which good images' least likely positions are counted."""
+    return max(1, min(height, width) // 16)
+
+
+class LayerStatistics:
+    """Streaming statistics of normal log-likelihoods, per layer and per position of its grid.
+
+    Feed it ``update(log_likelihoods)`` batch by batch, then read the constants with :meth:`finalize`. Per layer
+    and position it keeps, over images, the running maximum, sum and sum of squares (float64), and how many images
+    were least likely there (``peaks``); and the number of images per layer. Every figure merges across processes by
+    a max or a sum (:meth:`merge`).
     """
 
     def __init__(self, num_layers: int) -> None:
-        self.maximum = torch.full((num_layers,), -torch.inf, dtype=torch.float64)
-        self.total = torch.zeros(num_layers, dtype=torch.float64)
-        self.total_sq = torch.zeros(num_layers, dtype=torch.float64)
+        self.maximum: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        self.total: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        self.total_sq: list[torch.Tensor] = [torch.empty(0)] * num_layers
+        self.peaks: list[torch.Tensor] = [torch.empty(0)] * num_layers
         self.count = torch.zeros(num_layers, dtype=torch.float64)
 
     def update(self, log_likelihoods: Sequence[torch.Tensor]) -> None:
-        """Add one batch: a sequence of L tensors of any shape (e.g. ``(B, h_l, w_l)``)."""
+        """Add one batch: L tensors ``(B, *grid)``, e.g. ``(B, h_l, w_l)``; every batch of a layer has one grid."""
         for layer, values in enumerate(log_likelihoods):
-            values = values.detach().double().flatten().cpu()
-            self.maximum[layer] = torch.maximum(self.maximum[layer], values.max())
-            self.total[layer] += values.sum()
-            self.total_sq[layer] += values.pow(2).sum()
-            self.count[layer] += values.numel()
+            values = values.detach().double().cpu()
+            grid = values.shape[1:]
+            if self.count[layer] == 0:
+                self.maximum[layer] = torch.full(grid, -torch.inf, dtype=torch.float64)
+                self.total[layer] = torch.zeros(grid, dtype=torch.float64)
+                self.total_sq[layer] = torch.zeros(grid, dtype=torch.float64)
+                self.peaks[layer] = torch.zeros(grid, dtype=torch.float64)
+            elif grid != self.total[layer].shape:
+                msg = (
+                    f"Calibration images must share one size: layer {layer} had a grid of "
+                    f"{tuple(self.total[layer].shape)}, then {tuple(grid)}. Resize them in the pre-processor."
+                )
+                raise ValueError(msg)
+            self.maximum[layer] = torch.maximum(self.maximum[layer], values.amax(dim=0))
+            self.total[layer] += values.sum(dim=0)
+            self.total_sq[layer] += values.pow(2).sum(dim=0)
+            least_likely = values.flatten(start_dim=1).argmin(dim=1)
+            self.peaks[layer].view(-1).index_add_(0, least_likely, torch.ones(len(values), dtype=torch.float64))
+            self.count[layer] += len(values)
 
     def merge(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         """Merge the statistics of several processes in place: ``reduce(tensor, "max" | "sum")`` across them.
 
-        E.g. Lightning's ``trainer.strategy.reduce(tensor, reduce_op=...)``.
+        E.g. Lightning's ``trainer.strategy.reduce(tensor, reduce_op=...)``. Every process must have seen images.
         """
-        for values, op in ((self.maximum, "max"), (self.total, "sum"), (self.total_sq, "sum"), (self.count, "sum")):
-            values.copy_(reduce(values, op).cpu())
+        self._require_data()
+        for tensors, op in ((self.maximum, "max"), (self.total, "sum"), (self.total_sq, "sum"), (self.peaks, "sum")):
+            for tensor in tensors:
+                tensor.copy_(reduce(tensor, op).cpu())
+        self.count.copy_(reduce(self.count, "sum").cpu())
 
-    def finalize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(max, mean, std)``, each of shape ``(L,)`` in float32."""
+    def peak_concentration(self) -> list[float]:
+        """Per layer, the largest share of images whose least likely position lies in one ``(2r+1)``-square window.
+
+        Near 1 when good images peak at one place (an aligned part with a region whose look varies); near the
+        window's share of the grid when their peaks are spread (moving parts, textures).
+        """
+        self._require_data()
+        shares = []
+        for peaks, count in zip(self.peaks, self.count, strict=True):
+            grid = peaks.reshape(1, 1, *peaks.shape[-2:]) if peaks.dim() >= 2 else peaks.reshape(1, 1, 1, -1)
+            side = 2 * peak_window_radius(*grid.shape[-2:]) + 1
+            windows = F.avg_pool2d(grid, side, stride=1, padding=side // 2, count_include_pad=True) * side**2
+            shares.append(float(windows.max() / count))
+        return shares
+
+    def finalize(
+        self, image_calibration: str = "layer"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Return ``(max, mean, std)``, each ``(L,)`` in float32, and the per-position statistics or ``None``.
+
+        ``image_calibration``: ``"layer"`` returns no position statistics; ``"position"`` returns each layer's
+        per-position ``(mean, std)``, ``(h_l, w_l)`` in float32, the std floored at :data:`POSITION_STD_FLOOR` times
+        its median; ``"auto"`` does so only when :meth:`peak_concentration` reaches
+        :data:`PEAK_CONCENTRATION_THRESHOLD` in every layer.
+        """
+        self._require_data()
+        maxima, means, stds, positions = [], [], [], []
+        for total, total_sq, maximum, count in zip(self.total, self.total_sq, self.maximum, self.count, strict=True):
+            fibers = count * total.numel()
+            mean = total.sum() / fibers
+            maxima.append(maximum.max())
+            means.append(mean)
+            stds.append((total_sq.sum() / fibers - mean.pow(2)).clamp_min(1e-12).sqrt())
+            position_mean = total / count
+            position_std = (total_sq / count - position_mean.pow(2)).clamp_min(1e-12).sqrt()
+            position_std = position_std.clamp_min(POSITION_STD_FLOOR * float(position_std.median()))
+            positions.append((position_mean.float(), position_std.float()))
+        if image_calibration == "auto":
+            concentrated = min(self.peak_concentration()) >= PEAK_CONCENTRATION_THRESHOLD
+            image_calibration = "position" if concentrated else "layer"
+        constants = torch.stack(maxima).float(), torch.stack(means).float(), torch.stack(stds).float()
+        return *constants, (positions if image_calibration == "position" else None)
+
+    def _require_data(self) -> None:
         if bool((self.count == 0).any()):
             msg = "No log-likelihoods were collected for calibration; is the training set empty?"
             raise RuntimeError(msg)
-        mean = self.total / self.count
-        variance = (self.total_sq / self.count - mean.pow(2)).clamp_min(1e-12)
-        return self.maximum.float(), mean.float(), variance.sqrt().float()
 
 
 def calibrate(
@@ -76,11 +149,11 @@ def calibrate(
     model.eval()
     with torch.no_grad():
         for batch in images:
-            statistics.update(model.log_likelihood_maps(model.encode(batch.to(device))))
+            statistics.update(model.image_log_likelihood_maps(batch.to(device)))
     model.train(was_training)
     if merge is not None:
         merge(statistics)
-    model.anomaly_map.set_calibration(*statistics.finalize())
+    model.anomaly_map.set_calibration(*statistics.finalize(model.image_calibration))
 
 
 def training_images(trainer: Trainer, pl_module: LightningModule) -> Iterator[torch.Tensor]:

@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.parallel import DistributedDataParallel
 
-from .anomaly_map import ImageScore, ScoreMode
+from .anomaly_map import ImageCalibration, ImageScore, ScoreMode
 from .calibration import CalibrationCallback, LayerStatistics, calibrate
 from .condition import GridCondition
 from .data.checks import DataCheckCallback
@@ -96,6 +96,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         image_score (str): ``"combined"``, ``"map"`` (the top ``top_k_percent`` % of the anomaly map) or
             ``"layer_max"`` (each layer's most anomalous position, averaged over layers); see
             :class:`~.anomaly_map.AnomalyMapGenerator`. Defaults to ``"combined"``.
+        image_calibration (str): What the image score is normalized against: ``"layer"`` (one constant per layer,
+            as the map), ``"position"`` (the normal statistics of each position) or ``"auto"``, which picks
+            ``"position"`` for aligned parts whose good training images are all least likely at one place (e.g. a
+            highlight whose brightness varies) and ``"layer"`` otherwise. The map is the same in all three.
+            ``benchmarks/README.md`` (normalization) has the study. Defaults to ``"auto"``.
         tile_condition (str): With anomalib's ``TilerConfigurationCallback``: ``"image"`` conditions every fiber
             on its position in the whole image (the tiles' features are stitched first), ``"tile"`` on its
             position within its tile. Defaults to ``"image"``.
@@ -145,6 +150,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
         image_score: ImageScore = "combined",
+        image_calibration: ImageCalibration = "auto",
         tile_condition: TileCondition = "image",
         threshold: ThresholdMode = "auto",
         normal_fpr: float = 0.01,
@@ -178,6 +184,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             top_k_percent=top_k_percent,
             score_mode=score_mode,
             image_score=image_score,
+            image_calibration=image_calibration,
             tile_condition=tile_condition,
         )
         self.backbone = backbone

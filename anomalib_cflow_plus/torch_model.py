@@ -17,7 +17,7 @@ from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, ImageScore, ScoreMode
+from .anomaly_map import IMAGE_CALIBRATIONS, AnomalyMapGenerator, ImageCalibration, ImageScore, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .errors import ConfigurationError
@@ -93,6 +93,10 @@ class CflowPlusModel(nn.Module):
             ``"paper"``.
         image_score (str): ``"combined"``, ``"map"`` or ``"layer_max"``, see :class:`AnomalyMapGenerator`.
             Defaults to ``"combined"``.
+        image_calibration (str): What the image score is normalized against: ``"layer"`` (one constant per layer,
+            as the map), ``"position"`` (each position's normal statistics) or ``"auto"``: ``"position"`` for a part
+            whose good training images are least likely at one place in every layer, else ``"layer"``; see
+            :class:`AnomalyMapGenerator` and :meth:`~.calibration.LayerStatistics.finalize`. Defaults to ``"auto"``.
         tile_condition (str): With anomalib's tiler (``tiler``, set by ``TilerConfigurationCallback``):
             ``"image"`` stitches the tiles' features back into the whole image's feature maps, so every fiber is
             conditioned on its position in the whole image; ``"tile"`` scores each tile on its own, conditioned
@@ -125,9 +129,13 @@ class CflowPlusModel(nn.Module):
         top_k_percent: float = 0.0,
         score_mode: ScoreMode = "paper",
         image_score: ImageScore = "combined",
+        image_calibration: ImageCalibration = "auto",
         tile_condition: TileCondition = "image",
     ) -> None:
         super().__init__()
+        if image_calibration not in IMAGE_CALIBRATIONS:
+            msg = f"image_calibration must be one of {IMAGE_CALIBRATIONS}, got {image_calibration!r}."
+            raise ConfigurationError(msg)
         if tile_condition not in TILE_CONDITIONS:
             msg = f"tile_condition must be one of {TILE_CONDITIONS}, got {tile_condition!r}."
             raise ConfigurationError(msg)
@@ -154,6 +162,7 @@ class CflowPlusModel(nn.Module):
         self.clamp_alpha = clamp_alpha
         self.decoders = self._build_decoders()
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
+        self.image_calibration = image_calibration
         self.tile_condition = tile_condition
         self._tiler: Tiler | None = None
 
@@ -286,10 +295,15 @@ class CflowPlusModel(nn.Module):
         state_dict = resolve_state_dict(self.backbone, weights)
         load_encoder_weights(self.feature_encoder, state_dict, self.backbone)
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
+    def image_log_likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Log-likelihood maps of whole images ``(B, 3, H, W)``: L tensors ``(B, h_l, w_l)``, tiles stitched."""
         maps = self.log_likelihood_maps(self.encode(images))
         if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')
             maps = [self.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
+        return maps
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
+        maps = self.image_log_likelihood_maps(images)
         anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -60,6 +60,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader
 
 from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.data.demo import DEFECT_TYPES, apply_defect
 
 STUDY_DIR = OUT_DIR / "real_studies"
 MAX_CALIBRATION_IMAGES = 100
@@ -101,20 +102,32 @@ class LogLikelihoodDump(Callback):
         self.epoch_start = time.perf_counter()
 
     @torch.no_grad()
-    def maps(self, pl_module: CflowPlus, dataset: Any) -> list[np.ndarray]:
+    def maps(self, pl_module: CflowPlus, dataset: Any, synthetic: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per-layer log-likelihood maps ``(N, h_l, w_l)`` and features ``(N, h_l, w_l, C_l)`` (float16).
+
+        With ``synthetic``, image ``i`` first gets one defect of :data:`DEFECT_TYPES` (drawn from seed ``i``).
+        """
         model = pl_module.model
         was_training = model.training
         model.eval()
         per_layer: list[list[np.ndarray]] = []
+        per_layer_features: list[list[np.ndarray]] = []
+        index = 0
         for batch in _loader(dataset, self.batch_size):
-            images = pl_module.pre_processor.transform(batch.image)
-            maps = model.log_likelihood_maps(model.encode(images))
+            images = batch.image
+            if synthetic:
+                images = torch.stack([synthetic_defect(image, index + offset) for offset, image in enumerate(images)])
+            index += len(images)
+            features = model.encode(pl_module.pre_processor.transform(images))
+            maps = model.log_likelihood_maps(features)
             if not per_layer:
                 per_layer = [[] for _ in maps]
+                per_layer_features = [[] for _ in maps]
             for layer, values in enumerate(maps):
                 per_layer[layer].append(values.float().numpy())
+                per_layer_features[layer].append(features[layer].permute(0, 2, 3, 1).half().numpy())
         model.train(was_training)
-        return [np.concatenate(values) for values in per_layer]
+        return [np.concatenate(v) for v in per_layer], [np.concatenate(v) for v in per_layer_features]
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.train_seconds.append(time.perf_counter() - self.epoch_start)
@@ -127,9 +140,26 @@ class LogLikelihoodDump(Callback):
             train_data.collate_fn = self.datamodule.train_data.collate_fn
         arrays: dict[str, np.ndarray] = {}
         for split, dataset in (("train", train_data), ("test", self.datamodule.test_data)):
-            for layer, values in enumerate(self.maps(pl_module, dataset)):
+            maps, features = self.maps(pl_module, dataset, synthetic=False)
+            for layer, values in enumerate(maps):
                 arrays[f"{split}_{layer}"] = values
+            for layer, values in enumerate(features):
+                arrays[f"{split}feat_{layer}"] = values
+        # The same training images, each with one synthetic defect of the demo generator's: for choosing a
+        # normalization from good images alone (a pseudo-AUROC of good against synthetic-defect images).
+        for layer, values in enumerate(self.maps(pl_module, train_data, synthetic=True)[0]):
+            arrays[f"synth_{layer}"] = values
         np.savez(self.out_dir / f"llmaps_e{trainer.current_epoch + 1}.npz", **arrays)
+
+
+def synthetic_defect(image: torch.Tensor, index: int) -> torch.Tensor:
+    """One of the demo generator's defects painted onto an image ``(3, H, W)`` in [0, 1]; type and shape from ``index``."""
+    clean = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
+    if clean.shape[-1] == 1:
+        clean = np.repeat(clean, 3, axis=-1)
+    rng = np.random.default_rng(index)
+    defective, _ = apply_defect(np.ascontiguousarray(clean), DEFECT_TYPES[index % len(DEFECT_TYPES)], rng)
+    return torch.from_numpy(defective).permute(2, 0, 1).float().div(255)[: image.shape[0]]
 
 
 def save_ground_truth(datamodule: MVTecAD, out_dir: Path, image_size: int) -> None:

@@ -8,7 +8,13 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Resize
 
 from anomalib_cflow_plus import CflowPlus
-from anomalib_cflow_plus.calibration import CalibrationCallback, LayerStatistics, calibrate, training_images
+from anomalib_cflow_plus.calibration import (
+    POSITION_STD_FLOOR,
+    CalibrationCallback,
+    LayerStatistics,
+    calibrate,
+    training_images,
+)
 
 
 class RecordingModule:
@@ -56,10 +62,18 @@ def test_layer_statistics():
     first, second = torch.arange(6.0).reshape(2, 3), torch.tensor([[10.0, 20.0]])
     statistics.update([first, second])
     statistics.update([first + 6, second])
-    maximum, mean, std = statistics.finalize()
+    maximum, mean, std, positions = statistics.finalize()
     torch.testing.assert_close(maximum, torch.tensor([11.0, 20.0]))
     torch.testing.assert_close(mean, torch.tensor([5.5, 15.0]))
     torch.testing.assert_close(std, torch.tensor([torch.arange(12.0).std(unbiased=False).item(), 5.0]))
+    assert positions is None  # "layer": the image score needs no position statistics
+    positions = statistics.finalize("position")[3]
+    all_first = torch.cat([first, first + 6])  # 4 images of layer 0, 3 positions each
+    torch.testing.assert_close(positions[0][0], all_first.mean(dim=0))
+    torch.testing.assert_close(positions[0][1], all_first.std(dim=0, unbiased=False))
+    torch.testing.assert_close(positions[1][0], torch.tensor([10.0, 20.0]))
+    floor = POSITION_STD_FLOOR * 1e-6  # layer 1 never varies: its stds sit at the numerical floor
+    assert bool((positions[1][1] <= 1e-5).all()) and bool((positions[1][1] >= floor).all())
 
 
 def test_empty_statistics_raise():
@@ -75,7 +89,8 @@ def test_calibrate_fits_the_model_constants_and_restores_its_mode():
     merged = []
     calibrate(model, images, torch.device("cpu"), merge=merged.append)
     assert model.training and bool(model.anomaly_map.calibrated)
-    assert len(merged) == 1 and int(merged[0].count[0]) == 3 * 8 * 8  # 3 images; layer 0 at stride 8 of 64 px
+    assert len(merged) == 1 and int(merged[0].count[0]) == 3  # 3 images
+    assert merged[0].total[0].shape == (8, 8)  # layer 0 at stride 8 of 64 px
     expected = max(float(ll.max()) for ll in (model.eval().log_likelihood_maps(model.encode(x))[0] for x in images))
     assert float(model.anomaly_map.layer_max[0]) == pytest.approx(expected, rel=1e-5)
 
