@@ -296,3 +296,32 @@ def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> 
     assert 0 < matmuls["flows"] <= flow_linears  # the condition's projections are folded into constants
     assert matmuls["tail"] == len(model.model.decoders) + 1  # the map's upsampling and smoothing
     assert set(regions.tail) == set(fp32_tail_names(exported, decoder_weights(model.model.decoders)))
+
+
+def test_a_position_calibrated_image_score_exports_like_torch(tmp_path: Path) -> None:
+    """The per-position statistics are buffers: OpenVINO scores an image as torch does (f32), maps included."""
+    from anomalib_cflow_plus import CflowPlus
+    from anomalib_cflow_plus.calibration import calibrate
+
+    torch.manual_seed(0)
+    model = CflowPlus(
+        backbone="efficientnet_lite0", pre_trained=False, coupling_blocks=1, condition_vector=16,
+        pre_processor=CflowPlus.configure_pre_processor((64, 64)), post_processor=False, visualizer=False,
+        image_calibration="position",
+    ).eval()  # fmt: skip
+    training = [model.pre_processor.transform(torch.rand(4, 3, 64, 64)) for _ in range(2)]
+    calibrate(model.model, training, torch.device("cpu"))
+    assert model.model.anomaly_map.position_calibrated
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        layer_scores = model.model.anomaly_map.scores_of(
+            model.model.anomaly_map.layer_scores(model.model.image_log_likelihood_maps(model.pre_processor(images))),
+            expected.anomaly_map,
+            "paper",
+        )
+    assert (layer_scores - expected.pred_score).abs().min() > 1e-2  # the position statistics change the scores
+    path = model.to_openvino(export_root=tmp_path, input_size=(64, 64))
+    outputs = ov.Core().compile_model(ov.Core().read_model(path), "CPU", F32)(images.numpy())
+    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)

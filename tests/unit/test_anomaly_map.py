@@ -134,3 +134,66 @@ def test_batch_independence_of_every_image_score():
         _, full = generator(maps, image_size=(40, 40))
         _, single = generator([m[1:2] for m in maps], image_size=(40, 40))
         torch.testing.assert_close(single[0], full[1], atol=1e-6, rtol=0)
+
+
+def _position_generator(image_score: str = "combined", sigma: float = 0.0) -> AnomalyMapGenerator:
+    """One layer on a 4x4 grid whose position (0, 0) is normally unlikely and variable, and every other position
+    likely and steady; calibrated for a position-calibrated image score."""
+    generator = AnomalyMapGenerator(1, sigma=sigma, image_score=image_score)
+    mean, std = torch.zeros(4, 4), torch.full((4, 4), 0.1)
+    mean[0, 0], std[0, 0] = -5.0, 2.0
+    generator.set_calibration(torch.tensor([0.0]), torch.tensor([-0.3]), torch.tensor([1.0]), [(mean, std)])
+    return generator
+
+
+def _good_and_defective() -> list[torch.Tensor]:
+    good = torch.zeros(4, 4)
+    good[0, 0] = -6.0  # half a std below its position's mean: ordinary there, the least likely fiber overall
+    defective = torch.zeros(4, 4)
+    defective[0, 0] = -5.0
+    defective[2, 2] = -1.0  # ten stds below a steady position's mean
+    return [torch.stack([good, defective])]
+
+
+@pytest.mark.parametrize("image_score", ["combined", "map", "layer_max"])
+def test_position_calibration_ranks_by_each_position_and_keeps_the_map(image_score):
+    maps = _good_and_defective()
+    layer = AnomalyMapGenerator(1, sigma=0.0, image_score=image_score)
+    layer.set_calibration(torch.tensor([0.0]), torch.tensor([-0.3]), torch.tensor([1.0]))
+    position = _position_generator(image_score)
+    assert position.position_calibrated and not layer.position_calibrated
+    layer_map, layer_score = layer(maps, image_size=(4, 4))
+    position_map, position_score = position(maps, image_size=(4, 4))
+    assert layer_score[0] > layer_score[1]  # one constant per layer: the good image's (0, 0) looks worst
+    assert position_score[1] > position_score[0]  # against each position's own statistics the defect does
+    torch.testing.assert_close(position_map, layer_map, rtol=0, atol=0)  # the map is the layer calibration's
+    if image_score == "layer_max":  # the z-score of each image's most anomalous position
+        torch.testing.assert_close(position_score, torch.tensor([0.5, 10.0]))
+
+
+def test_position_calibration_is_batch_independent_and_resizes_onto_other_grids():
+    generator = _position_generator(sigma=1.0)
+    maps = _maps(batch=4)[:1]
+    _, scores = generator(maps, image_size=(16, 16))
+    for index in range(4):
+        _, single = generator([maps[0][index : index + 1]], image_size=(16, 16))
+        torch.testing.assert_close(single[0], scores[index], rtol=0, atol=1e-6)
+    steady = AnomalyMapGenerator(1, sigma=0.0, image_score="layer_max")  # constant statistics resize to themselves
+    steady.set_calibration(torch.zeros(1), torch.zeros(1), torch.ones(1), [(torch.ones(4, 4), torch.full((4, 4), 2.0))])
+    values = torch.randn(3, 8, 8)
+    _, scores = steady([values], image_size=(16, 16))
+    torch.testing.assert_close(scores, ((1.0 - values) / 2.0).flatten(1).amax(1))
+
+
+def test_position_statistics_travel_in_the_state_dict_at_their_grid_size():
+    generator = _position_generator()
+    state = generator.state_dict()
+    assert state["position_mean_0"].shape == (4, 4)
+    restored = AnomalyMapGenerator(1, sigma=0.0)
+    assert not restored.position_calibrated
+    restored.load_state_dict(state)
+    maps = _good_and_defective()
+    torch.testing.assert_close(restored(maps, (4, 4))[1], generator(maps, (4, 4))[1], rtol=0, atol=0)
+    older = {key: value for key, value in state.items() if not key.startswith("position_")}
+    restored.load_state_dict(older)  # a checkpoint from before position statistics: the layer calibration
+    assert not restored.position_calibrated

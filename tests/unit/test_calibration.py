@@ -114,3 +114,61 @@ def test_a_checkpoint_without_validation_is_calibrated(tiny_dataset, tmp_path):
     assert bool(restored.model.anomaly_map.calibrated)
     torch.testing.assert_close(restored.model.anomaly_map.layer_max, model.model.anomaly_map.layer_max)
     restored.on_test_epoch_start()  # it scores
+
+
+def _maps_peaking_at(peaks, grid=(16, 16), seed=0):
+    """One layer's maps ``(N, h, w)`` of noise, each image least likely at its own ``peaks[i]`` (row, column)."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = torch.randn(len(peaks), *grid, generator=generator) * 0.1
+    for index, (row, column) in enumerate(peaks):
+        maps[index, row, column] = -5.0
+    return maps
+
+
+def test_peak_concentration_tells_one_hot_spot_from_spread_peaks():
+    spread = [(row, column) for row in range(0, 16, 4) for column in range(0, 16, 4)]  # 16 places, one image each
+    hot_spot = [(8 + index % 2, 8) for index in range(16)]  # within one 3x3 window
+    statistics = LayerStatistics(2)
+    statistics.update([_maps_peaking_at(hot_spot), _maps_peaking_at(spread)])
+    concentration = statistics.peak_concentration()
+    assert concentration[0] == pytest.approx(1.0)
+    assert concentration[1] == pytest.approx(1 / 16)
+
+
+@pytest.mark.parametrize(("second_layer_spread", "expected"), [(False, True), (True, False)])
+def test_auto_calibrates_by_position_only_when_every_layer_peaks_at_one_place(second_layer_spread, expected):
+    hot_spot = [(3 + index % 2, 12) for index in range(8)]
+    spread = [(2 * index, 15 - 2 * index) for index in range(8)] if second_layer_spread else hot_spot
+    statistics = LayerStatistics(2)
+    statistics.update([_maps_peaking_at(hot_spot), _maps_peaking_at(spread, seed=1)])
+    positions = statistics.finalize("auto")[3]
+    assert (positions is not None) is expected
+    assert statistics.finalize("position")[3] is not None and statistics.finalize("layer")[3] is None
+
+
+def test_merged_statistics_equal_those_of_all_images():
+    maps = [torch.randn(6, 4, 4), torch.randn(6, 2, 2)]
+    whole, first, second = LayerStatistics(2), LayerStatistics(2), LayerStatistics(2)
+    whole.update(maps)
+    first.update([values[:2] for values in maps])
+    second.update([values[2:] for values in maps])
+    reductions = {"sum": torch.add, "max": torch.maximum}
+    partner = {id(tensor): other for mine, theirs in ((first, second),) for tensor, other in zip(
+        [*mine.maximum, *mine.total, *mine.total_sq, *mine.peaks, mine.count],
+        [*theirs.maximum, *theirs.total, *theirs.total_sq, *theirs.peaks, theirs.count], strict=True)}  # fmt: skip
+    first.merge(lambda tensor, op: reductions[op](tensor, partner[id(tensor)]))  # what all-reduce does across ranks
+    for merged, expected in zip(first.finalize("position"), whole.finalize("position"), strict=True):
+        if isinstance(merged, list):
+            for (mean, std), (expected_mean, expected_std) in zip(merged, expected, strict=True):
+                torch.testing.assert_close(mean, expected_mean)
+                torch.testing.assert_close(std, expected_std)
+        else:
+            torch.testing.assert_close(merged, expected)
+    assert first.peak_concentration() == whole.peak_concentration()
+
+
+def test_calibration_images_of_two_sizes_are_refused():
+    statistics = LayerStatistics(1)
+    statistics.update([torch.zeros(1, 4, 4)])
+    with pytest.raises(ValueError, match="share one size"):
+        statistics.update([torch.zeros(1, 8, 8)])
