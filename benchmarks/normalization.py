@@ -40,7 +40,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from harness import OUT_DIR, aupro, format_spread, image_auroc, is_real, mean_and_spread, pixel_auroc
+from harness import (
+    DEFAULT_REALDEV_ROOT,
+    OUT_DIR,
+    aupro,
+    dataset_location,
+    demo_datamodule,
+    format_spread,
+    image_auroc,
+    is_real,
+    mean_and_spread,
+    pixel_auroc,
+)
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator
@@ -331,6 +342,105 @@ def table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def leave_one_out(rows: list[dict[str, Any]], categories: Sequence[str]) -> str:
+    """The gate's threshold chosen on all real categories but one, and the held-out category's result with it.
+
+    For every threshold of a grid, each run takes the position-calibrated image score when its least concentrated
+    layer reaches it (``image_calibration="auto"``'s rule), else the layer's. The threshold is the middle of those
+    that maximise the mean image AUROC over the chosen categories' runs.
+    """
+    runs = {}
+    for row in rows:
+        key = (row["dataset"], row["seed"])
+        if row["candidate"] == "concentration":
+            runs.setdefault(key, {})["concentration"] = min(row["per_layer"])
+        elif row["candidate"] == "CflowPlus image_calibration=position":
+            runs.setdefault(key, {})["position"] = row["image_auroc"]
+        elif row["candidate"] == "layer":
+            runs.setdefault(key, {})["layer"] = row["image_auroc"]
+    grid = [round(0.05 * step, 2) for step in range(1, 20)]
+
+    def auroc(run: dict[str, float], threshold: float) -> float:
+        return run["position"] if run["concentration"] >= threshold else run["layer"]
+
+    lines = [
+        "| held out | threshold range that is best on the other two | chosen | held out: layer | held out: chosen |"
+        " held out: threshold 0.5 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for held_out in categories:
+        chosen_runs = [run for (dataset, _), run in runs.items() if dataset in categories and dataset != held_out]
+        held = [run for (dataset, _), run in runs.items() if dataset == held_out]
+        if not chosen_runs or not held:
+            continue
+        means = {threshold: float(np.mean([auroc(run, threshold) for run in chosen_runs])) for threshold in grid}
+        best = [threshold for threshold in grid if means[threshold] >= max(means.values()) - 1e-9]
+        threshold = best[len(best) // 2]
+        cells = [
+            f"{best[0]:.2f} to {best[-1]:.2f}",
+            f"{threshold:.2f}",
+            format_spread(mean_and_spread(run["layer"] for run in held)),
+            format_spread(mean_and_spread(auroc(run, threshold) for run in held)),
+            format_spread(mean_and_spread(auroc(run, 0.5) for run in held)),
+        ]
+        lines.append(f"| {held_out} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(run: dict[str, Any], out_path: Path, count: int = 3) -> None:
+    """The ``count`` highest-scoring good and defective test images (by today's score): image, map, position z-map.
+
+    Each row gives the image score under the layer calibration and under the position calibration.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    info = run["info"]
+    root, category = dataset_location(info["dataset"], DEFAULT_REALDEV_ROOT)
+    datamodule = demo_datamodule(root, category, num_workers=0)
+    datamodule.setup()
+    paths = list(datamodule.test_data.samples.image_path)
+    size = info["image_size"]
+    statistics = package_statistics(run)
+    layer, position = AnomalyMapGenerator(len(run["train"])), AnomalyMapGenerator(len(run["train"]))
+    layer.set_calibration(*statistics.finalize("layer"))
+    position.set_calibration(*statistics.finalize("position"))
+    test = [values.float() for values in run["test"]]
+    with torch.no_grad():
+        layer_map, layer_score = layer(test, (size, size))
+        position_scores = position.position_scores(test)
+        position_map = position.smoothed_map(position_scores, (size, size), "zscore")
+        position_score = position(test, (size, size))[1]
+    picked = []
+    for label in (0, 1):
+        members = np.flatnonzero(run["labels"] == label)
+        picked += list(members[np.argsort(-layer_score.numpy()[members])[:count]])
+    figure, axes = plt.subplots(len(picked), 3, figsize=(7.5, 2.5 * len(picked)))
+    for row, index in enumerate(picked):
+        image = Image.open(paths[index]).convert("RGB").resize((size, size))
+        kind = "good" if run["labels"][index] == 0 else Path(paths[index]).parent.name
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title(f"{kind} {Path(paths[index]).stem}", fontsize=8)
+        axes[row, 1].imshow(image)
+        axes[row, 1].imshow(layer_map[index, 0].numpy(), cmap="jet", alpha=0.5)
+        axes[row, 1].set_title(f"map; score (layer) {float(layer_score[index]):.3f}", fontsize=8)
+        axes[row, 2].imshow(image)
+        axes[row, 2].imshow(position_map[index, 0].numpy(), cmap="jet", alpha=0.5)
+        axes[row, 2].set_title(f"position z; score {float(position_score[index]):.2f}", fontsize=8)
+        if run["labels"][index] == 1:
+            for column in (1, 2):
+                axes[row, column].contour(run["masks"][index], levels=[0.5], colors="white", linewidths=0.6)
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=45)
+    plt.close(figure)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="default")
@@ -344,8 +454,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bank", type=int, default=4096)
     parser.add_argument("--aupro", action="store_true", help="also AUPRO (slow)")
     parser.add_argument("--quick", action="store_true", help="only layer, position w=1 and selected")
+    parser.add_argument("--figures", action="store_true", help="save benchmarks/figures/normalization_<data>.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.figures:
+        for run_dir in run_dirs(args.config, args.epochs, args.datasets, args.seeds[:1]):
+            run = load_run(run_dir, args.epochs)
+            name = run["info"]["dataset"].replace("/", "_")
+            save_figure(run, Path(__file__).parent / "figures" / f"normalization_{name}.png")
+        return
     candidates: dict[str, Candidate] = {"layer": layer_candidate}
     for weight in args.weights[1:]:
         candidates[f"position w={weight:g}"] = position_candidate(weight)
@@ -379,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(base, {w: round(v, 3) for w, v in run.get("pseudo", {}).items()}, "->", run.get("chosen_weight"),
               flush=True)  # fmt: skip
     (OUT_DIR / "normalization.json").write_text(json.dumps(rows, indent=1))
+    real = [dataset for dataset in args.datasets if is_real(dataset)]
+    print("\n### leave one category out: the gate's threshold\n")
+    print(leave_one_out(rows, real))
     scored = [row for row in rows if row["candidate"] not in ("pseudo", "concentration")]
     for metric in ("image_auroc", "pixel_auroc", "aupro"):
         if any(metric in row for row in scored):

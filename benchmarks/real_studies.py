@@ -153,7 +153,7 @@ class LogLikelihoodDump(Callback):
 
 
 def synthetic_defect(image: torch.Tensor, index: int) -> torch.Tensor:
-    """One of the demo generator's defects painted onto an image ``(3, H, W)`` in [0, 1]; type and shape from ``index``."""
+    """One of the demo generator's defects painted onto an image ``(3, H, W)`` in [0, 1], drawn from ``index``."""
     clean = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
     if clean.shape[-1] == 1:
         clean = np.repeat(clean, 3, axis=-1)
