@@ -110,6 +110,9 @@ class LayerStatistics:
         :data:`PEAK_CONCENTRATION_THRESHOLD` in every layer.
         """
         self._require_data()
+        if image_calibration == "auto":
+            concentrated = min(self.peak_concentration()) >= PEAK_CONCENTRATION_THRESHOLD
+            image_calibration = "position" if concentrated else "layer"
         maxima, means, stds, positions = [], [], [], []
         for total, total_sq, maximum, count in zip(self.total, self.total_sq, self.maximum, self.count, strict=True):
             fibers = count * total.numel()
@@ -117,15 +120,13 @@ class LayerStatistics:
             maxima.append(maximum.max())
             means.append(mean)
             stds.append((total_sq.sum() / fibers - mean.pow(2)).clamp_min(1e-12).sqrt())
-            position_mean = total / count
-            position_std = (total_sq / count - position_mean.pow(2)).clamp_min(1e-12).sqrt()
-            position_std = position_std.clamp_min(POSITION_STD_FLOOR * float(position_std.median()))
-            positions.append((position_mean.float(), position_std.float()))
-        if image_calibration == "auto":
-            concentrated = min(self.peak_concentration()) >= PEAK_CONCENTRATION_THRESHOLD
-            image_calibration = "position" if concentrated else "layer"
+            if image_calibration == "position":
+                position_mean = total / count
+                position_std = (total_sq / count - position_mean.pow(2)).clamp_min(1e-12).sqrt()
+                position_std = position_std.clamp_min(POSITION_STD_FLOOR * float(position_std.median()))
+                positions.append((position_mean.float(), position_std.float()))
         constants = torch.stack(maxima).float(), torch.stack(means).float(), torch.stack(stds).float()
-        return *constants, (positions if image_calibration == "position" else None)
+        return *constants, (positions or None)
 
     def _require_data(self) -> None:
         if bool((self.count == 0).any()):

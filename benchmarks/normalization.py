@@ -104,10 +104,16 @@ def score(log_likelihoods: Maps, reference: Maps, image_size: int, mode: str = "
     else:  # zscore computes (mean - ll) / std: mean 0, std 1 and ll = -score
         generator.set_calibration(torch.zeros(layers), torch.zeros(layers), torch.ones(layers))
         inputs = [-values.float() for values in log_likelihoods]
+    return generate(generator, inputs, image_size)
+
+
+def generate(generator: AnomalyMapGenerator, log_likelihoods: Maps, image_size: int) -> tuple[torch.Tensor, ...]:
+    """Maps ``(N, S, S)`` and image scores ``(N,)`` of ``generator`` over L maps ``(N, h_l, w_l)``, 32 at a time."""
     maps, scores = [], []
     with torch.no_grad():
-        for start in range(0, len(inputs[0]), 32):
-            anomaly_map, image_score = generator([values[start : start + 32] for values in inputs], (image_size,) * 2)
+        for start in range(0, len(log_likelihoods[0]), 32):
+            batch = [values[start : start + 32].float() for values in log_likelihoods]
+            anomaly_map, image_score = generator(batch, (image_size,) * 2)
             maps.append(anomaly_map[:, 0])
             scores.append(image_score)
     return torch.cat(maps), torch.cat(scores)
@@ -280,20 +286,14 @@ def evaluate_package(run: dict[str, Any], image_calibration: str, with_aupro: bo
     """Accuracy of CflowPlus's own calibration and scoring (defaults but ``image_calibration``) on the test maps."""
     generator = AnomalyMapGenerator(len(run["train"]))
     generator.set_calibration(*package_statistics(run).finalize(image_calibration))
-    maps, scores = [], []
-    with torch.no_grad():
-        for start in range(0, len(run["test"][0]), 32):
-            batch = [values[start : start + 32].float() for values in run["test"]]
-            anomaly_map, image_score = generator(batch, (run["info"]["image_size"],) * 2)
-            maps.append(anomaly_map[:, 0])
-            scores.append(image_score)
+    maps, scores = generate(generator, run["test"], run["info"]["image_size"])
     result = {
-        "image_auroc": image_auroc(torch.cat(scores).numpy(), run["labels"]),
-        "pixel_auroc": pixel_auroc(torch.cat(maps).numpy(), run["masks"]),
+        "image_auroc": image_auroc(scores.numpy(), run["labels"]),
+        "pixel_auroc": pixel_auroc(maps.numpy(), run["masks"]),
         "position_calibrated": generator.position_calibrated,
     }
     if with_aupro:
-        result["aupro"] = aupro(torch.cat(maps).numpy(), run["masks"])
+        result["aupro"] = aupro(maps.numpy(), run["masks"])
     return result
 
 
