@@ -7,9 +7,9 @@ backbones interleaved round-robin so that machine noise hits each of them alike.
 
 Usage::
 
-    python benchmarks/backbones.py                  # full benchmark (3 backbones x 3 textures, 3 epochs)
-    python benchmarks/backbones.py --quick          # tiny smoke run of the script itself
-    python benchmarks/backbones.py --backbones efficientnet_lite0 --textures brick --epochs 1
+    python -m benchmarks.backbones                  # full benchmark (3 backbones x 3 textures, 3 epochs)
+    python -m benchmarks.backbones --quick          # tiny smoke run of the script itself
+    python -m benchmarks.backbones --backbones efficientnet_lite0 --textures brick --epochs 1
 
 Writes ``benchmarks/out/backbones.json`` (``backbones_quick.json`` with ``--quick``) and prints a
 markdown table.
@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harness import (
+from lightning.pytorch import seed_everything
+
+from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
+from benchmarks.harness import (
     DEFAULT_SEED,
     METRIC_KEYS,
     OUT_DIR,
@@ -43,11 +47,7 @@ from harness import (
     quiet_libraries,
     write_json,
 )
-from lightning.pytorch import seed_everything
-from timing import round_robin_ms
-
-from anomalib_cflow_plus import CflowPlus
-from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
+from benchmarks.timing import round_robin_ms
 
 BACKBONES: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Test-metric names logged by CflowPlus's default evaluator -> short names used in the results.

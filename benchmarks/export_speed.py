@@ -13,18 +13,13 @@ CPU time is the steadier figure. The two variants alternate, ``--repeats`` round
 
 Usage::
 
-    python benchmarks/export_speed.py                       # efficientnet_lite0 at 256 px, 1 round (~3 min)
-    python benchmarks/export_speed.py --backbone efficientnet_lite1 --repeats 3
+    python -m benchmarks.export_speed                       # efficientnet_lite0 at 256 px, 1 round (~3 min)
+    python -m benchmarks.export_speed --backbone efficientnet_lite1 --repeats 3
 
 Writes ``benchmarks/out/export_speed.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
 
 import argparse
 import functools
@@ -42,8 +37,7 @@ from anomalib.models.components.base.export_mixin import ExportMixin
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.export import ONNX_OPSET
-
-OUT_DIR = Path(__file__).resolve().parent / "out"
+from benchmarks.jobs import OUT_DIR
 
 
 def build_model(backbone: str, size: int, stock: bool) -> CflowPlus:

@@ -1,14 +1,9 @@
-"""Shared helpers of every benchmark script: data sets, the CPU engine, metrics, timing summaries, JSON output.
+"""Shared helpers of every benchmark script: data sets, the CPU engine, metrics, real-data jobs, JSON output.
 
 Nothing here trains a model by itself.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
 
 import hashlib
 import json
@@ -20,6 +15,8 @@ import statistics
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +28,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
+from benchmarks.jobs import OUT_DIR, REPO_ROOT, run_job
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-OUT_DIR = REPO_ROOT / "benchmarks" / "out"
 DEFAULT_REALDEV_ROOT = REPO_ROOT.parent / "shared" / "realdev"
 DEMO_ROOT = OUT_DIR / "demo_real_data"
 DEMO_SETTINGS: dict[str, int] = {"image_size": 256, "n_train": 64, "n_test_good": 16, "n_test_defect": 8}
@@ -46,6 +42,8 @@ DEFAULT_SEED = 42
 BATCH_SIZE = 16
 NUM_WORKERS = 2
 METRIC_KEYS: dict[str, str] = {"image_AUROC": "image_auroc", "pixel_AUROC": "pixel_auroc", "pixel_AUPRO": "aupro"}
+METRICS = tuple(METRIC_KEYS.values())
+REAL_DATA_JOBS = OUT_DIR / "real_data" / "jobs"
 
 
 def real_categories(data_root: Path) -> list[str]:
@@ -119,10 +117,7 @@ def format_spread(summary: dict[str, float], digits: int = 3) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
 
 
-# ------------------------------------------------------------------------------------------------ memory
-
-
-# ----------------------------------------------------------------------------------------------- caching
+# ------------------------------------------------------------------------------------- cached real-data jobs
 
 
 def source_digest(paths: Sequence[Path]) -> str:
@@ -139,6 +134,25 @@ def source_digest(paths: Sequence[Path]) -> str:
 def spec_key(spec: dict[str, Any]) -> str:
     """A short, stable hash of a JSON-serializable job spec."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cflow_plus_source() -> str:
+    """The hash of the plugin's and the real-data job's source that a CflowPlus job's spec carries."""
+    return source_digest([REPO_ROOT / "anomalib_cflow_plus", REPO_ROOT / "benchmarks" / "real_data_job.py"])
+
+
+def real_data_job(spec: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+    """Train and test one model on one data set (``real_data_job``) in a fresh process; the spec with its result.
+
+    Results are cached in ``REAL_DATA_JOBS`` by the spec's hash, which ``real_data.py`` and ``input_size.py``
+    share; ``fresh`` runs the job again.
+    """
+    label = ", ".join(f"{key} {spec[key]}" for key in ("model", "dataset", "image_size", "tile", "seed") if key in spec)
+    key = spec_key(spec)
+    return {
+        **spec,
+        **run_job("benchmarks.real_data_job", "train", spec, REAL_DATA_JOBS, key, reuse=not fresh, label=label),
+    }
 
 
 class EpochTimer(Callback):
@@ -160,10 +174,10 @@ class EpochTimer(Callback):
 
 
 def quiet_libraries() -> None:
-    """Silence the per-run warnings and info lines of Lightning, anomalib and timm."""
+    """Silence the per-run warnings and info lines of Lightning, anomalib, timm and NNCF."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib", "nncf"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -188,13 +202,18 @@ def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
 
 
 def environment() -> dict[str, Any]:
-    """Versions and CPU facts that the timings depend on."""
+    """Versions and CPU facts that the figures depend on."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "openvino": version("openvino"),
+        "anomalib": version("anomalib"),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
+        "cpu": cpu or platform.processor() or platform.machine(),
     }
 
 

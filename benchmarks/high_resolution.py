@@ -1,6 +1,6 @@
 """High-resolution costs: peak memory, training throughput and latency of CflowPlus at 256² up to 1024².
 
-For each input size, three fresh processes (so that each peak RSS is its own):
+For each input size, four fresh processes (``jobs.run_job``, so that each peak RSS is its own):
 
 * ``infer``: build the model with the packaged ImageNet weights, score one image in eager torch, batch 1.
   Peak RSS, then the median latency of 5 more images.
@@ -12,35 +12,29 @@ For each input size, three fresh processes (so that each peak RSS is its own):
 
 Usage::
 
-    python benchmarks/high_resolution.py                      # 256x256, 512x512, 512x1280, 1024x1024
-    python benchmarks/high_resolution.py --sizes 256x256 1024x1024
+    python -m benchmarks.high_resolution                      # 256x256, 512x512, 512x1280, 1024x1024
+    python -m benchmarks.high_resolution --sizes 256x256 1024x1024
 
-Writes ``benchmarks/out/high_resolution.json`` and prints a markdown table, with each figure's growth
-against 256² beside the growth of the pixel count.
+Writes ``benchmarks/out/high_resolution.json`` (job logs in ``benchmarks/out/high_resolution/``) and prints a
+markdown table, with each figure's growth against 256² beside the growth of the pixel count. Only the standard
+library is imported here: each job imports what it measures.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
-
 import argparse
 import json
-import logging
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from memory import process_peak_rss_mb
+from benchmarks.jobs import OUT_DIR, peak_rss_mb, run_job, serve
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
-
+MODULE = "benchmarks.high_resolution"
 REPEATS = 5
 TRAIN_IMAGES = 8
 
@@ -60,16 +54,17 @@ def build_model(size: tuple[int, int]) -> Any:
     return model.eval()
 
 
-def infer_job(size: tuple[int, int], threads: int) -> dict[str, float]:
+def infer_job(spec: dict[str, Any]) -> dict[str, float]:
     """Peak RSS of scoring one image, and the median eager latency (ms) at batch 1."""
     import torch
 
-    torch.set_num_threads(threads)
+    size = tuple(spec["size"])
+    torch.set_num_threads(spec["threads"])
     model = build_model(size)
     image = torch.rand(1, 3, *size)
     with torch.no_grad():
         output = model(image)
-        peak = process_peak_rss_mb()
+        peak = peak_rss_mb()
         times = []
         for _ in range(REPEATS):
             start = time.perf_counter()
@@ -79,50 +74,36 @@ def infer_job(size: tuple[int, int], threads: int) -> dict[str, float]:
     return {"infer_peak_rss_mb": peak, "eager_ms": statistics.median(times)}
 
 
-def train_job(size: tuple[int, int], threads: int) -> dict[str, float]:
+def train_job(spec: dict[str, Any]) -> dict[str, float]:
     """Training images/s over one epoch of ``TRAIN_IMAGES`` demo images at ``size``, and the fit's peak RSS.
 
     The epoch's time runs from its start to its end: the optimizer steps, not the data check, the calibration
     pass or the report that a fit also makes.
     """
     import torch
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
-    from lightning.pytorch import Callback
-
-    class EpochTimer(Callback):
-        seconds = float("nan")
-
-        def on_train_epoch_start(self, *args: Any) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, *args: Any) -> None:
-            self.seconds = time.perf_counter() - self.start
 
     from anomalib_cflow_plus.data import generate_demo_dataset
+    from benchmarks.harness import EpochTimer, cpu_engine, demo_datamodule
 
-    torch.set_num_threads(threads)
+    size = tuple(spec["size"])
+    torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory() as work:
         root = generate_demo_dataset(
             Path(work) / "demo", textures=("brick",), image_size=size, n_train=TRAIN_IMAGES, n_test_good=1,
             n_test_defect=1, defects=("scratch",),
         )  # fmt: skip
-        datamodule = MVTecAD(root=root, category="brick", train_batch_size=4, eval_batch_size=4, num_workers=0)
-        model = build_model(size)
         timer = EpochTimer()
-        engine = Engine(
-            max_epochs=1, accelerator="cpu", devices=1, logger=False, default_root_dir=work, callbacks=[timer],
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        )  # fmt: skip
-        engine.fit(model, datamodule=datamodule)
-    return {"train_images_per_s": TRAIN_IMAGES / timer.seconds, "train_peak_rss_mb": process_peak_rss_mb()}
+        engine = cpu_engine(Path(work), 1, [timer], limit_val_batches=0)
+        engine.fit(build_model(size), datamodule=demo_datamodule(root, "brick", batch_size=4, num_workers=0))
+    return {"train_images_per_s": TRAIN_IMAGES / timer.seconds[0], "train_peak_rss_mb": peak_rss_mb()}
 
 
-def export_job(size: tuple[int, int], threads: int, xml: Path) -> dict[str, float]:
+def export_job(spec: dict[str, Any]) -> dict[str, float]:
     """Export to OpenVINO at ``size`` (``model.to_openvino``, as ``Engine.export`` does) as ``xml``; its wall time."""
     import torch
 
-    torch.set_num_threads(threads)
+    size, xml = tuple(spec["size"]), Path(spec["xml"])
+    torch.set_num_threads(spec["threads"])
     model = build_model(size)
     start = time.perf_counter()
     exported = Path(model.to_openvino(export_root=xml.parent / "export", input_size=size))
@@ -132,19 +113,19 @@ def export_job(size: tuple[int, int], threads: int, xml: Path) -> dict[str, floa
     return {"export_s": elapsed}
 
 
-def openvino_job(size: tuple[int, int], threads: int, xml: Path) -> dict[str, float]:
+def openvino_job(spec: dict[str, Any]) -> dict[str, float]:
     """Peak RSS of an OpenVINO deployment scoring one image, and median latency (ms), default precision and f32."""
     import numpy as np
     import openvino as ov
 
     core = ov.Core()
-    image = np.random.default_rng(0).random((1, 3, *size), dtype=np.float32)
+    image = np.random.default_rng(0).random((1, 3, *spec["size"]), dtype=np.float32)
     results: dict[str, float] = {}
     for name, config in (("openvino_ms", {}), ("openvino_f32_ms", {"INFERENCE_PRECISION_HINT": "f32"})):
-        compiled = core.compile_model(str(xml), "CPU", config | {"INFERENCE_NUM_THREADS": threads})
+        compiled = core.compile_model(spec["xml"], "CPU", config | {"INFERENCE_NUM_THREADS": spec["threads"]})
         compiled(image)
         if name == "openvino_ms":
-            results["openvino_peak_rss_mb"] = process_peak_rss_mb()
+            results["openvino_peak_rss_mb"] = peak_rss_mb()
         times = []
         for _ in range(REPEATS):
             start = time.perf_counter()
@@ -155,15 +136,7 @@ def openvino_job(size: tuple[int, int], threads: int, xml: Path) -> dict[str, fl
     return results
 
 
-def run_child(job: str, size: tuple[int, int], threads: int, xml: Path) -> dict[str, float]:
-    """Run one job in a fresh process and return its figures."""
-    command = [sys.executable, __file__, "--job", job, "--sizes", f"{size[0]}x{size[1]}", "--threads", str(threads)]
-    completed = subprocess.run([*command, "--xml", str(xml)], capture_output=True, text=True, check=False)
-    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    if completed.returncode != 0 or not lines:
-        print(completed.stderr[-3000:], file=sys.stderr)
-        return {f"{job}_error": completed.returncode}
-    return json.loads(lines[-1])
+JOBS = {"infer": infer_job, "train": train_job, "export": export_job, "openvino": openvino_job}  # in this order
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -200,30 +173,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["256x256", "512x512", "512x1280", "1024x1024"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=OUT_DIR / "high_resolution.json")
-    parser.add_argument("--job", choices=["infer", "train", "export", "openvino"], help=argparse.SUPPRESS)
-    parser.add_argument("--xml", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sizes = [parse_size(text) for text in args.sizes]
-
-    if args.job:
-        warnings.filterwarnings("ignore")
-        logging.disable(logging.WARNING)
-        jobs = {"infer": infer_job, "train": train_job}
-        if args.job in jobs:
-            figures = jobs[args.job](sizes[0], args.threads)
-        else:
-            figures = (export_job if args.job == "export" else openvino_job)(sizes[0], args.threads, args.xml)
-        print(json.dumps(figures))
-        return
-
     rows = []
     with tempfile.TemporaryDirectory() as work:
-        for size in sizes:
-            row: dict[str, Any] = {"size": f"{size[0]}x{size[1]}", "megapixels": size[0] * size[1] / 1e6}
-            xml = Path(work) / f"{size[0]}x{size[1]}" / "model.xml"
+        for height, width in (parse_size(text) for text in args.sizes):
+            row: dict[str, Any] = {"size": f"{height}x{width}", "megapixels": height * width / 1e6}
+            xml = Path(work) / row["size"] / "model.xml"
             xml.parent.mkdir(parents=True)
-            for job in ("infer", "train", "export", "openvino"):
-                row |= run_child(job, size, args.threads, xml)
+            spec = {"size": [height, width], "threads": args.threads, "xml": str(xml)}
+            for job in JOBS:
+                result = run_job(MODULE, job, spec, OUT_DIR / "high_resolution", f"{job}-{row['size']}")
+                row |= {f"{job}_error": result["error"]} if "error" in result else result
             print(f"  {row['size']}: {row}", flush=True)
             rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -232,4 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] and sys.argv[1] in JOBS:  # a job process of run_job
+        serve(JOBS)
+    else:
+        main()

@@ -8,7 +8,7 @@ initialized on random features).
 
 Usage::
 
-    python benchmarks/inference.py [--backbone efficientnet_lite1] [--batch 1 8] [--repeats 20]
+    python -m benchmarks.inference [--backbone efficientnet_lite1] [--batch 1 8] [--repeats 20]
 
 Writes ``benchmarks/out/inference.json`` and prints a markdown table.
 """
@@ -28,11 +28,11 @@ import openvino as ov
 import torch
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
-from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
+from benchmarks.jobs import OUT_DIR
+from benchmarks.timing import round_robin_ms
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 IMAGE_SIZE = (256, 256)
 
 

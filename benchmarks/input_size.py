@@ -7,11 +7,11 @@ Answers two questions on real photographs (``--data-root``, 512-px originals) an
 * With anomalib's tiler, should a tile's fibers be conditioned on their position in the whole image
   (``tile_condition="image"``: the tiles' features are stitched first) or within the tile (``"tile"``)?
 
-Every run is one job of ``real_data_job.py`` in a fresh process, cached like ``real_data.py``'s. Usage::
+Every run is one job of ``real_data_job.py`` in a fresh process, cached with ``real_data.py``'s. Usage::
 
-    python benchmarks/input_size.py                                   # every setting, data set and seed 0
-    python benchmarks/input_size.py --datasets metal_plate --seeds 0 1 2
-    python benchmarks/input_size.py --settings 256 512 --datasets screw
+    python -m benchmarks.input_size                                   # every setting, data set and seed 0
+    python -m benchmarks.input_size --datasets metal_plate --seeds 0 1 2
+    python -m benchmarks.input_size --settings 256 512 --datasets screw
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import (
+from anomalib_cflow_plus.data import DEMO_TEXTURES
+from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     DEMO_512_PREFIX,
+    METRICS,
     OUT_DIR,
-    REPO_ROOT,
+    cflow_plus_source,
     format_spread,
     mean_and_spread,
-    source_digest,
+    real_data_job,
 )
-from real_data import METRICS, run_job
-
-from anomalib_cflow_plus.data import DEMO_TEXTURES
 
 # name -> (input size, [tile size, stride] or None, tile_condition); "512-tiles-*": 512 px in four 256-px tiles
 SETTINGS: dict[str, tuple[int, list[int] | None, str]] = {
@@ -48,7 +47,7 @@ COSTS = ("train_s", "test_ms_per_image", "peak_rss_mb")
 
 
 def job_spec(setting: str, dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The ``real_data_job.py`` spec of one setting, data set and seed."""
+    """The ``real_data_job`` spec of one setting, data set and seed."""
     size, tile, condition = SETTINGS[setting]
     spec: dict[str, Any] = {
         "model": "CflowPlus",
@@ -59,7 +58,7 @@ def job_spec(setting: str, dataset: str, seed: int, args: argparse.Namespace) ->
         "image_size": size,
         "epochs": args.epochs,
         "threads": args.threads,
-        "source": source_digest([REPO_ROOT / "anomalib_cflow_plus", Path(__file__).parent / "real_data_job.py"]),
+        "source": cflow_plus_source(),
     }
     if tile is not None:
         spec |= {"tile": tile, "model_kwargs": {"tile_condition": condition}}
@@ -102,11 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for setting in args.settings:
         for dataset in args.datasets:
             for seed in args.seeds:
-                result = run_job(job_spec(setting, dataset, seed, args), args.fresh)
-                if "error" in result:
-                    print(f"  {setting} on {dataset}: {result['error']}", flush=True)
-                    continue
-                results.setdefault(setting, []).append(result)
+                result = real_data_job(job_spec(setting, dataset, seed, args), args.fresh)
+                if "error" not in result:
+                    results.setdefault(setting, []).append(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(

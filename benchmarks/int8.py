@@ -15,8 +15,8 @@ OpenVINO FP32 (f32 hint).
 
 Usage::
 
-    python benchmarks/int8.py                   # brick, grass, gravel at 256 px; about 10 min on 2 cores
-    python benchmarks/int8.py --quick           # 128 px, 16 training images, 1 epoch, brick: tests the script
+    python -m benchmarks.int8                   # brick, grass, gravel at 256 px; about 10 min on 2 cores
+    python -m benchmarks.int8 --quick           # 128 px, 16 training images, 1 epoch, brick: tests the script
 
 Writes ``benchmarks/out/int8.json`` (``int8_quick.json``) and prints markdown tables.
 """
@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,27 +40,18 @@ from anomalib.data import ImageBatch, MVTecAD
 from anomalib.deploy import CompressionType, ExportType
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, F1Score
-from harness import cpu_engine, demo_datamodule
 from lightning.pytorch import seed_everything
-from timing import round_robin_ms
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.data import DEMO_TEXTURES, generate_demo_dataset
+from benchmarks.harness import OUT_DIR, cpu_engine, demo_datamodule, quiet_libraries
+from benchmarks.timing import round_robin_ms
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
 F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 SEED = 42
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-
-
-def quiet_libraries() -> None:
-    """Silence Lightning's, anomalib's and NNCF's per-run chatter."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib", "nncf"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def datamodule(root: Path, texture: str, batch_size: int) -> MVTecAD:

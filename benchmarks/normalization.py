@@ -20,27 +20,27 @@ measures what the package computes. Candidates (per layer ``l``, training log-li
 
 Usage::
 
-    python benchmarks/normalization.py --datasets tire screw metal_plate --seeds 0 1 2
-    python benchmarks/normalization.py --loo     # the leave-one-category-out table of --margin
+    python -m benchmarks.normalization --datasets tire screw metal_plate --seeds 0 1 2
+    python -m benchmarks.normalization --loo     # the leave-one-category-out table of --margin
 
 Writes ``benchmarks/out/normalization.json`` and prints markdown tables.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
-
 import argparse
 import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from harness import (
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator
+from anomalib_cflow_plus.calibration import LayerStatistics
+from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     OUT_DIR,
     aupro,
@@ -52,10 +52,6 @@ from harness import (
     mean_and_spread,
     pixel_auroc,
 )
-from torch.nn import functional as F  # noqa: N812
-
-from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator
-from anomalib_cflow_plus.calibration import LayerStatistics
 
 STUDY_DIR = OUT_DIR / "real_studies"
 Maps = list[torch.Tensor]  # one (N, h_l, w_l) float64 tensor per layer

@@ -8,7 +8,7 @@ and the median of per-round ratios). Speed does not depend on the weights.
 
 Usage::
 
-    python benchmarks/normalization_cost.py [--repeats 30] [--threads 2]
+    python -m benchmarks.normalization_cost [--repeats 30] [--threads 2]
 
 Writes ``benchmarks/out/normalization_cost.json`` and prints a markdown table.
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import openvino as ov
 import torch
-from harness import OUT_DIR, paired_ratio, write_json
-from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.calibration import calibrate
+from benchmarks.harness import OUT_DIR, paired_ratio, write_json
+from benchmarks.timing import round_robin_ms
 
 IMAGE_SIZE = (256, 256)
 
@@ -96,9 +96,7 @@ def main() -> None:
     print(f"| image calibration | checkpoint MiB | IR MiB | calibration s ({args.calibration_images} images) |")
     print("|---|---|---|---|")
     for name, figures in report["models"].items():
-        print(
-            f"| {name} | {figures['checkpoint_mb']:.2f} | {figures['ir_mb']:.2f} | {figures['calibration_s']:.1f} |"
-        )
+        print(f"| {name} | {figures['checkpoint_mb']:.2f} | {figures['ir_mb']:.2f} | {figures['calibration_s']:.1f} |")
     print("\n| batch | OpenVINO precision | layer ms/img | position ms/img | position / layer (median of rounds) |")
     print("|---|---|---|---|---|")
     for row in report["latency"]:

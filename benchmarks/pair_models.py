@@ -8,11 +8,6 @@ encoder state dict loads into either. Nothing here touches the network: both mod
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
-
 import inspect
 import io
 from collections.abc import Mapping

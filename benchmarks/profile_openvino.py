@@ -8,7 +8,7 @@ graph_regions`: encoder, flows, scoring tail) and per executed op type, with the
 
 Usage::
 
-    python benchmarks/profile_openvino.py [--backbone efficientnet_lite0] [--batch 1 8] [--repeats 50]
+    python -m benchmarks.profile_openvino [--backbone efficientnet_lite0] [--batch 1 8] [--repeats 50]
 
 Writes ``benchmarks/out/profile_openvino.json`` and prints one table per batch size and precision.
 """
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import torch
-from harness import OUT_DIR, quiet_libraries, write_json
-from pair_models import prepare_for_inference
-from timing import round_robin_ms
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.quantization import decoder_weights, graph_regions, quantize
+from benchmarks.harness import OUT_DIR, quiet_libraries, write_json
+from benchmarks.pair_models import prepare_for_inference
+from benchmarks.timing import round_robin_ms
 
 
 def region_of_nodes(model: ov.Model, decoders: torch.nn.Module) -> dict[str, str]:

@@ -10,9 +10,9 @@ time are its own.
 
 Usage::
 
-    python benchmarks/real_data.py                        # CflowPlus x 3 seeds, peers x 1 seed
-    python benchmarks/real_data.py --models CflowPlus --seeds 0 1 2
-    python benchmarks/real_data.py --report benchmarks/out/real_data.json
+    python -m benchmarks.real_data                        # CflowPlus x 3 seeds, peers x 1 seed
+    python -m benchmarks.real_data --models CflowPlus --seeds 0 1 2
+    python -m benchmarks.real_data --report benchmarks/out/real_data.json
 
 Job results are cached in ``benchmarks/out/real_data/jobs/``, keyed by the job's spec (and, for
 CflowPlus, by a hash of the plugin's source), so a peer's result is reused until its data, encoder or
@@ -27,27 +27,24 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import (
+from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     DEMO_PREFIX,
+    METRICS,
     OUT_DIR,
-    REPO_ROOT,
+    cflow_plus_source,
     format_spread,
     is_real,
     mean_and_spread,
     real_categories,
-    source_digest,
-    spec_key,
+    real_data_job,
 )
 
-JOBS_DIR = OUT_DIR / "real_data" / "jobs"
 DEMO_DATASETS = tuple(f"{DEMO_PREFIX}{texture}" for texture in ("brick", "grass", "gravel"))
 CFLOW_PLUS = "CflowPlus"
 CFLOW_PLUS_PAPER = "CflowPlus paper"
@@ -55,7 +52,6 @@ CFLOW_PLUS_LONG = "CflowPlus 8 epochs"
 LONG_EPOCHS = 8
 PEERS = ("Cflow", "Patchcore", "Fastflow")
 MODELS = (CFLOW_PLUS, CFLOW_PLUS_PAPER, *PEERS, CFLOW_PLUS_LONG)
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
 # What each model is given beyond the shared settings; the table's notes say so.
 MODEL_NOTES: dict[str, str] = {
     CFLOW_PLUS: "defaults",
@@ -82,35 +78,12 @@ def job_spec(model: str, dataset: str, seed: int, args: argparse.Namespace) -> d
     if model == "Patchcore":
         spec["max_train_images"] = args.patchcore_images
     if model.startswith(CFLOW_PLUS):
-        spec["source"] = source_digest([REPO_ROOT / "anomalib_cflow_plus", Path(__file__).parent / "real_data_job.py"])
+        spec["source"] = cflow_plus_source()
     else:
         from importlib.metadata import version
 
         spec["anomalib"] = version("anomalib")
     return spec
-
-
-def run_job(spec: dict[str, Any], fresh: bool) -> dict[str, Any]:
-    """Run one job in a fresh process (or reuse its cached result)."""
-    JOBS_DIR.mkdir(parents=True, exist_ok=True)
-    key = spec_key(spec)
-    result_path = JOBS_DIR / f"{key}.json"
-    if result_path.exists() and not fresh:
-        return json.loads(result_path.read_text())
-    spec_path = JOBS_DIR / f"{key}.spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    log_path = JOBS_DIR / f"{key}.log"
-    command = [sys.executable, str(Path(__file__).parent / "real_data_job.py"), str(spec_path), str(result_path)]
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if completed.returncode != 0 or not result_path.exists():
-        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        return {**spec, "error": f"exit {completed.returncode}; log {log_path}:\n{tail}"}
-    print(
-        f"  {spec['model']} on {spec['dataset']}, seed {spec['seed']}: {time.perf_counter() - start:.0f} s", flush=True
-    )
-    return json.loads(result_path.read_text())
 
 
 def summarize(results: list[dict[str, Any]], models: Sequence[str], datasets: Sequence[str]) -> dict[str, Any]:
@@ -197,10 +170,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds = args.seeds if model.startswith(CFLOW_PLUS) else args.peer_seeds
         for dataset in datasets:
             for seed in seeds:
-                result = run_job(job_spec(model, dataset, seed, args), args.fresh)
-                if "error" in result:
-                    print(f"  FAILED {model} on {dataset}, seed {seed}: {result['error']}", flush=True)
-                results.append(result)
+                results.append(real_data_job(job_spec(model, dataset, seed, args), args.fresh))
     summary = summarize(results, args.models, datasets)
     report = {
         "datasets": datasets,

@@ -1,23 +1,16 @@
 """One job of ``real_data.py``, in a fresh process: train one model on one data set, test it and measure it.
 
-Usage (``real_data.py`` does this)::
+Usage (``harness.real_data_job`` does this, for ``real_data.py`` and ``input_size.py``)::
 
-    python benchmarks/real_data_job.py SPEC.json RESULT.json
+    python -m benchmarks.real_data_job train SPEC.json RESULT.json
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
-
-import json
-import logging
 import statistics
 import tempfile
 import time
-import warnings
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -27,15 +20,15 @@ from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data import MVTecAD
 from anomalib.models import Cflow, Fastflow, Patchcore
 from anomalib.models.components import AnomalibModule
-from harness import cpu_engine, dataset_location, demo_datamodule, extract_metrics
 from lightning.pytorch import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
-from memory import process_peak_rss_mb
 from torch import nn
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import load_encoder_weights, packaged_state_dict
 from anomalib_cflow_plus.torch_model import feature_levels
+from benchmarks.harness import cpu_engine, dataset_location, demo_datamodule, extract_metrics
+from benchmarks.jobs import peak_rss_mb, serve
 
 LATENCY_IMAGES = 20
 
@@ -100,7 +93,8 @@ def latency_ms(model: AnomalibModule, datamodule: MVTecAD) -> float:
     return statistics.median(times[2:])  # the first two warm up
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+def train(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train and test one model on one data set; its accuracy, times, peak RSS and checkpoint size."""
     torch.set_num_threads(spec["threads"])
     seed_everything(spec["seed"], workers=True)
     model, encoder, layers = build_model(spec)
@@ -134,18 +128,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "test_images": len(datamodule.test_data),
         "train_s": train_s,
         "test_ms_per_image": latency_ms(model, datamodule),
-        "peak_rss_mb": process_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "checkpoint_mb": checkpoint_mb,
     }
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    spec_path, result_path = map(Path, sys.argv[1:3])
-    result = run(json.loads(spec_path.read_text()))
-    result_path.write_text(json.dumps(result, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    serve({"train": train})

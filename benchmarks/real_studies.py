@@ -11,8 +11,8 @@ the number of steps the fast recipe makes (set by the layer with the most fibers
 
 Usage::
 
-    python benchmarks/real_studies.py train --configs default stride4 --seeds 0 1 2 --epochs 3
-    python benchmarks/real_studies.py analyze --configs default stride4 --seeds 0 1 2
+    python -m benchmarks.real_studies train --configs default levels4 --seeds 0 1 2 --epochs 3
+    python -m benchmarks.real_studies analyze --configs default levels4 --seeds 0 1 2
 
 Trainings are cached under ``benchmarks/out/real_studies/<config>/<dataset>/seed<S>/`` and skipped
 when their maps exist; ``--fresh`` retrains. ``analyze`` prints markdown tables and writes
@@ -21,17 +21,13 @@ when their maps exist; ``--fresh`` retrains. ``analyze`` prints markdown tables 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
-
 import argparse
 import json
 import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +35,14 @@ import torch
 from anomalib.data import MVTecAD
 from anomalib.models.components import AnomalibModule
 from anomalib.models.components.filters.blur import compute_kernel_size
-from harness import (
+from kornia.filters import GaussianBlur2d
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from torch.nn import functional as F  # noqa: N812
+from torch.utils.data import DataLoader
+
+from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus.data.demo import DEFECT_TYPES, apply_defect
+from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     DEMO_PREFIX,
     OUT_DIR,
@@ -54,13 +57,6 @@ from harness import (
     pixel_auroc,
     real_categories,
 )
-from kornia.filters import GaussianBlur2d
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from torch.nn import functional as F  # noqa: N812
-from torch.utils.data import DataLoader
-
-from anomalib_cflow_plus import CflowPlus
-from anomalib_cflow_plus.data.demo import DEFECT_TYPES, apply_defect
 
 STUDY_DIR = OUT_DIR / "real_studies"
 MAX_CALIBRATION_IMAGES = 100

@@ -9,16 +9,11 @@ thresholds with ``Engine.validate`` (a fresh engine each) on the same split.
 
 Usage::
 
-    python benchmarks/thresholds.py                                  # metal_plate, screw, demo textures
-    python benchmarks/thresholds.py --datasets metal_plate demo/grass --seeds 0 1 2
+    python -m benchmarks.thresholds                                  # metal_plate, screw, demo textures
+    python -m benchmarks.thresholds --datasets metal_plate demo/grass --seeds 0 1 2
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's plugin, not an installed copy
 
 import argparse
 import json
@@ -26,16 +21,25 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
-from harness import DEFAULT_REALDEV_ROOT, OUT_DIR, dataset_location, format_spread, mean_and_spread
 from lightning.pytorch import seed_everything
 
 from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor
+from benchmarks.harness import (
+    DEFAULT_REALDEV_ROOT,
+    OUT_DIR,
+    cpu_engine,
+    dataset_location,
+    demo_datamodule,
+    format_spread,
+    mean_and_spread,
+)
 
 DATASETS = ("metal_plate", "screw", "demo/brick", "demo/grass", "demo/gravel")
 RATES = (0.01, 0.05)
@@ -59,18 +63,13 @@ def run(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str
     torch.set_num_threads(args.threads)
     seed_everything(seed)
     root, category = dataset_location(dataset, args.data_root)
-    datamodule = MVTecAD(
-        root=root, category=category, train_batch_size=16, eval_batch_size=16, num_workers=0,
-        val_split_mode="from_train", val_split_ratio=0.25, seed=seed,
-    )  # fmt: skip
+    datamodule = demo_datamodule(
+        root, category, num_workers=0, val_split_mode="from_train", val_split_ratio=0.25, seed=seed
+    )
     model = CflowPlus(pre_processor=CflowPlus.configure_pre_processor((args.image_size, args.image_size)))
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as work:
-        engine = Engine(
-            max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=work,
-            enable_progress_bar=False, enable_model_summary=False,
-        )  # fmt: skip
-        engine.fit(model, datamodule=datamodule)
+        cpu_engine(Path(work), args.epochs).fit(model, datamodule=datamodule)
         post_processors: dict[str, PostProcessor] = {
             f"normal, normal_fpr={rate}": CflowPlusPostProcessor(threshold="normal", normal_fpr=rate) for rate in RATES
         }
@@ -79,9 +78,7 @@ def run(dataset: str, seed: int, args: argparse.Namespace) -> dict[str, dict[str
             # A fresh engine per post-processor: Lightning keeps a trainer's callbacks of other types, so a reused
             # trainer would run the previous post-processor too.
             model.post_processor = post_processor
-            engine = Engine(
-                accelerator="cpu", devices=1, logger=False, default_root_dir=work, enable_progress_bar=False
-            )
+            engine = cpu_engine(Path(work), args.epochs)
             engine.validate(model, datamodule=datamodule, verbose=False)
             figures[name] = label_figures(model, engine, datamodule)
     figures["validation images"] = {"count": len(datamodule.val_data)}

@@ -17,9 +17,9 @@ init (the same for both) for backbones without offline weights. Nothing is downl
 
 Usage::
 
-    python benchmarks/vs_cflow.py                 # full run
-    python benchmarks/vs_cflow.py --quick         # smoke test of the script: tiny data, 1 epoch, resnet18
-    python benchmarks/vs_cflow.py --report benchmarks/out/vs_cflow.json   # tables of an existing JSON
+    python -m benchmarks.vs_cflow                 # full run
+    python -m benchmarks.vs_cflow --quick         # smoke test of the script: tiny data, 1 epoch, resnet18
+    python -m benchmarks.vs_cflow --report benchmarks/out/vs_cflow.json   # tables of an existing JSON
 
 Prints markdown tables with ratios (CflowPlus / Cflow, and full model / encoder alone) and writes
 ``benchmarks/out/vs_cflow.json`` (``vs_cflow_quick.json`` with ``--quick``).
@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,17 +37,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import anomalib
-import openvino
-import torch
-from pair_models import CFLOW_NAME, DEFAULT_VARIANTS, SharedSettings, Variant, default_layers, installed_variants
-from vs_cflow_jobs import ENCODER, OV_DEFAULT, OV_F32, TORCH
-
 from anomalib_cflow_plus.data import generate_demo_dataset
+from benchmarks.harness import OUT_DIR, environment, write_json
+from benchmarks.jobs import run_job
+from benchmarks.pair_models import (
+    CFLOW_NAME,
+    DEFAULT_VARIANTS,
+    SharedSettings,
+    Variant,
+    default_layers,
+    installed_variants,
+)
+from benchmarks.vs_cflow_jobs import ENCODER, OV_DEFAULT, OV_F32, TORCH
 
-BENCH_DIR = Path(__file__).resolve().parent
-OUT_DIR = BENCH_DIR / "out"
-JOBS_SCRIPT = BENCH_DIR / "vs_cflow_jobs.py"
+JOBS_MODULE = "benchmarks.vs_cflow_jobs"
 BACKBONES: tuple[str, ...] = ("resnet18", "efficientnet_lite0")
 # Backbones whose layers are given explicitly (the paper's); others use CflowPlus's default layers.
 EXPLICIT_LAYERS: dict[str, tuple[str, ...]] = {
@@ -221,32 +221,9 @@ def shared_settings(config: BenchmarkConfig, backbone: str) -> SharedSettings:
 # ------------------------------------------------------------------------------------------------- jobs
 
 
-def run_job(job: str, spec: dict[str, Any], config: BenchmarkConfig, label: str, reuse: bool = False) -> dict[str, Any]:
-    """Run one job of ``vs_cflow_jobs.py`` in a fresh process; return its result, or ``{"error": ...}``.
-
-    With ``reuse``, a result left by an earlier run of the same spec is returned instead.
-    """
-    job_dir = config.work_dir / "jobs"
-    job_dir.mkdir(parents=True, exist_ok=True)
-    spec_path, result_path, log_path = (job_dir / f"{label}.{suffix}" for suffix in ("spec.json", "json", "log"))
-    spec_text = json.dumps(spec, indent=2, default=str)
-    if reuse and result_path.is_file() and spec_path.is_file() and spec_path.read_text() == spec_text:
-        print(f"  {label}: reused {result_path}", flush=True)
-        return json.loads(result_path.read_text())
-    spec_path.write_text(spec_text)
-    result_path.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        command = [sys.executable, str(JOBS_SCRIPT), job, str(spec_path), str(result_path)]
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
-    seconds = time.perf_counter() - start
-    if returncode != 0 or not result_path.is_file():
-        tail = log_path.read_text().splitlines()[-5:]
-        print(f"  {label}: FAILED (exit {returncode}) after {seconds:.0f} s, log {log_path}", flush=True)
-        return {"error": f"exit {returncode}", "log": str(log_path), "log_tail": tail}
-    print(f"  {label}: done in {seconds:.0f} s", flush=True)
-    return json.loads(result_path.read_text())
+def run_vs_job(job: str, spec: dict[str, Any], config: BenchmarkConfig, label: str, reuse: bool = False) -> dict:
+    """Run one job of ``vs_cflow_jobs`` in a fresh process (files in ``work_dir/jobs``); its result or its error."""
+    return run_job(JOBS_MODULE, job, spec, config.work_dir / "jobs", label, reuse=reuse, threads=config.threads)
 
 
 def base_spec(config: BenchmarkConfig, settings: SharedSettings) -> dict[str, Any]:
@@ -271,7 +248,7 @@ def run_backbone(config: BenchmarkConfig, backbone: str, variants: Sequence[Vari
                 "run_dir": str(config.work_dir / "runs" / backbone / variant.name.replace(" ", "_") / texture),
             }
             label = f"train-{backbone}-{variant.name.replace(' ', '_')}-{texture}"
-            result = run_job("train", spec, config, label, reuse=config.reuse_training)
+            result = run_vs_job("train", spec, config, label, reuse=config.reuse_training)
             train.append({"variant": variant.name, "texture": texture, **result})
             if "error" not in result:
                 print(
@@ -286,7 +263,7 @@ def run_backbone(config: BenchmarkConfig, backbone: str, variants: Sequence[Vari
         "repeats": config.repeats,
         "warmup": config.warmup,
     }
-    latency = run_job("latency", spec, config, f"latency-{backbone}")
+    latency = run_vs_job("latency", spec, config, f"latency-{backbone}")
     return {"settings": asdict(settings), "train": train, "latency": latency}
 
 
@@ -303,7 +280,7 @@ def run_sizes(config: BenchmarkConfig, variants: Sequence[Variant]) -> dict[str,
         "openvino": config.sizes_openvino,
         "run_dir": str(config.work_dir / "runs" / f"sizes-{config.sizes_backbone}"),
     }
-    return {"settings": asdict(settings), **run_job("sizes", spec, config, f"sizes-{config.sizes_backbone}")}
+    return {"settings": asdict(settings), **run_vs_job("sizes", spec, config, f"sizes-{config.sizes_backbone}")}
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -515,44 +492,13 @@ def report(document: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------- main
 
 
-def environment(threads: int) -> dict[str, Any]:
-    """Versions and CPU facts that the figures depend on."""
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "openvino": openvino.__version__,
-        "anomalib": anomalib.__version__,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-    }
-
-
-def _read_lines(path: str) -> list[str]:
-    """Lines of a text file, or none if it cannot be read."""
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
-
-
-def write_json(path: Path, document: dict[str, Any]) -> None:
-    """Write ``document`` as indented JSON, creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
-
-
 def run(config: BenchmarkConfig, progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Run every job; ``progress`` gets the partial document after each backbone."""
     started = time.perf_counter()
     variants, notes = installed_variants(config.variants)
     document: dict[str, Any] = {
         "config": asdict(config),
-        "environment": environment(config.threads),
+        "environment": environment() | {"threads": config.threads},
         "variants": [variant.name for variant in variants],
         "variant_kwargs": {variant.name: variant.kwargs for variant in variants},
         "notes": [

@@ -1,8 +1,8 @@
 """Child jobs of ``vs_cflow.py``: each runs in a fresh process, so memory and threads never leak between them.
 
-Usage (``vs_cflow.py`` does this)::
+Usage (``vs_cflow.py`` does this, through ``jobs.run_job``)::
 
-    python benchmarks/vs_cflow_jobs.py {train,latency,sizes} SPEC.json RESULT.json
+    python -m benchmarks.vs_cflow_jobs {train,latency,sizes} SPEC.json RESULT.json
 
 ``train`` fits one model on one demo texture and tests it (throughput, peak RSS, accuracy, checkpoint size);
 ``latency`` times every model of one backbone, eager torch and OpenVINO, interleaved round-robin, and measures
@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import resource
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -27,12 +24,13 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import torch
-from anomalib.data import MVTecAD
-from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
-from harness import extract_metrics
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from pair_models import (
+from torch import nn
+
+from benchmarks.harness import cpu_engine, demo_datamodule, extract_metrics, paired_ratio
+from benchmarks.jobs import current_rss_mb, peak_rss_mb, peak_rss_since_reset_mb, reset_peak_rss, serve
+from benchmarks.pair_models import (
     SharedSettings,
     Variant,
     build_model,
@@ -44,58 +42,12 @@ from pair_models import (
     state_dict_bytes,
     training_settings,
 )
-from timing import round_robin_ms
-from torch import nn
+from benchmarks.timing import round_robin_ms
 
 TORCH = "torch eager"
 OV_F32 = "OpenVINO f32"
 OV_DEFAULT = "OpenVINO default"
 ENCODER = "encoder alone"
-MB = 2**20
-
-
-# ------------------------------------------------------------------------------------------------- memory
-
-
-def _proc_status_kb(field_name: str) -> float | None:
-    """A ``kB`` field of ``/proc/self/status`` (Linux), or None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field_name}:"):
-                return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak resident set size (Linux ``clear_refs`` 5); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size since the last :func:`reset_peak_rss` (else since start), in MiB."""
-    peak_kb = _proc_status_kb("VmHWM")
-    if peak_kb is None:
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak_kb / 1024
-
-
-def current_rss_mb() -> float:
-    """Current resident set size in MiB (NaN where unknown)."""
-    rss_kb = _proc_status_kb("VmRSS")
-    return rss_kb / 1024 if rss_kb is not None else float("nan")
-
-
-def process_peak_rss_mb() -> float:
-    """Peak RSS of the whole process and its finished children (``ru_maxrss``, not reset), in MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) / 1024
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -126,7 +78,7 @@ class TrainingMonitor(Callback):
         epoch["batch_images"].append(len(batch.image))
         epoch["images"] += len(batch.image)
         epoch["batch_end_s"].append(time.perf_counter() - self._start)
-        epoch["peak_rss_mb"] = max(epoch["peak_rss_mb"], peak_rss_mb())
+        epoch["peak_rss_mb"] = max(epoch["peak_rss_mb"], peak_rss_since_reset_mb())
 
 
 def measured_throughput(epochs: list[dict[str, Any]]) -> tuple[float, str]:
@@ -156,26 +108,13 @@ def build_with_shared_encoder(variant: Variant, settings: SharedSettings, seed: 
 
 def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit one model on one texture for ``epochs`` epochs, test it, and measure it."""
+    torch.set_num_threads(spec["threads"])
     settings, variant = SharedSettings(**spec["settings"]), Variant(**spec["variant"])
     model, weights_source = build_with_shared_encoder(variant, settings, spec["seed"])
-    datamodule = MVTecAD(
-        root=spec["data_root"],
-        category=spec["texture"],
-        train_batch_size=spec["batch_size"],
-        eval_batch_size=spec["batch_size"],
-        num_workers=0,  # data loading in this process: its memory and time are counted alike for both models
-    )
+    # num_workers=0: data loading in this process, so its memory and time count alike for both models
+    datamodule = demo_datamodule(spec["data_root"], spec["texture"], batch_size=spec["batch_size"], num_workers=0)
     monitor = TrainingMonitor()
-    engine = Engine(
-        callbacks=[monitor],
-        logger=False,
-        max_epochs=spec["epochs"],
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=spec["run_dir"],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    engine = cpu_engine(Path(spec["run_dir"]), spec["epochs"], [monitor])
     rss_before_fit = current_rss_mb()
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
@@ -201,7 +140,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
         "training_peak_rss_mb": max(epoch["peak_rss_mb"] for epoch in monitor.epochs),
         "training_peak_rss_is_per_epoch": monitor.peak_reset_works,
         "rss_before_fit_mb": rss_before_fit,
-        "process_peak_rss_mb": process_peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "fit_s": fit_s,
         "test_s": test_s,
         "checkpoint_bytes": checkpoint.stat().st_size,
@@ -258,11 +197,6 @@ def compile_openvino(path: Path, threads: int, f32: bool) -> tuple[Callable[[np.
     hint = compiled.get_property("INFERENCE_PRECISION_HINT")
     precision = hint.get_type_name() if isinstance(hint, ov.Type) else str(hint)
     return (lambda images: compiled(images)), precision
-
-
-def paired_ratio(samples: list[float], reference: list[float]) -> float:
-    """Median over rounds of ``samples[i] / reference[i]`` (timed in the same round, so noise cancels)."""
-    return statistics.median(a / b for a, b in zip(samples, reference, strict=True))
 
 
 def export_and_compile(
@@ -323,6 +257,7 @@ def latency_job(spec: dict[str, Any]) -> dict[str, Any]:
     Every round times each model's whole pipeline (pre-processing, model, post-processing) and the
     encoder floor (pre-processing and encoder) once per backend, in a rotating order.
     """
+    torch.set_num_threads(spec["threads"])
     settings = SharedSettings(**spec["settings"])
     variants = [Variant(**variant) for variant in spec["variants"]]
     size = settings.image_size
@@ -394,29 +329,15 @@ def sizes_job(spec: dict[str, Any]) -> dict[str, Any]:
     The checkpoint is written after a single training step on ``spec["batch_size"]`` images, so that it
     holds the optimizer state as a trained checkpoint does; the encoder stays random (no download).
     """
+    torch.set_num_threads(spec["threads"])
     settings = SharedSettings(**spec["settings"])
     sizes: dict[str, dict[str, Any]] = {}
     for variant in [Variant(**variant) for variant in spec["variants"]]:
         seed_everything(spec["seed"], workers=True)
         model = build_model(variant, settings)
         run_dir = Path(spec["run_dir"]) / variant.name.replace(" ", "_")
-        datamodule = MVTecAD(
-            root=spec["data_root"],
-            category=spec["texture"],
-            train_batch_size=spec["batch_size"],
-            eval_batch_size=spec["batch_size"],
-            num_workers=0,
-        )
-        engine = Engine(
-            logger=False,
-            max_steps=1,
-            limit_val_batches=0,
-            accelerator="cpu",
-            devices=1,
-            default_root_dir=run_dir,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        datamodule = demo_datamodule(spec["data_root"], spec["texture"], batch_size=spec["batch_size"], num_workers=0)
+        engine = cpu_engine(run_dir, 1, max_steps=1, limit_val_batches=0)
         engine.fit(model=model, datamodule=datamodule)
         checkpoint = run_dir / "benchmark.ckpt"
         engine.trainer.save_checkpoint(checkpoint)
@@ -441,33 +362,7 @@ def sizes_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------- main
 
-JOBS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "train": train_job,
-    "latency": latency_job,
-    "sizes": sizes_job,
-}
-
-
-def quiet_libraries() -> None:
-    """Silence the per-run warnings and info lines of Lightning, anomalib and timm."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def main(argv: list[str]) -> int:
-    """Run the job named ``argv[0]`` on the spec file ``argv[1]``; write its result to ``argv[2]``."""
-    job, spec_path, result_path = argv
-    spec = json.loads(Path(spec_path).read_text())
-    quiet_libraries()
-    torch.set_num_threads(spec["threads"])
-    start = time.perf_counter()
-    result = JOBS[job](spec)
-    result["job_s"] = time.perf_counter() - start
-    Path(result_path).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return 0
-
+JOBS = {"train": train_job, "latency": latency_job, "sizes": sizes_job}
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    serve(JOBS)
