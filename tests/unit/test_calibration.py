@@ -106,14 +106,20 @@ def test_a_checkpoint_without_validation_is_calibrated(tiny_dataset, tmp_path):
     model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1, visualizer=False)
     engine = Engine(max_epochs=1, default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
                     limit_val_batches=0, enable_progress_bar=False)  # fmt: skip
-    engine.fit(model, datamodule=tiny_datamodule(tiny_dataset))
+    datamodule = tiny_datamodule(tiny_dataset)
+    engine.fit(model, datamodule=datamodule)
     checkpoint = (
         engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
     )
     restored = CflowPlus.load_from_checkpoint(checkpoint)
     assert bool(restored.model.anomaly_map.calibrated)
     torch.testing.assert_close(restored.model.anomaly_map.layer_max, model.model.anomaly_map.layer_max)
-    restored.on_test_epoch_start()  # it scores
+    restored.on_test_epoch_start()  # a calibrated model may score
+    images = next(iter(datamodule.test_dataloader())).image
+    with torch.no_grad():
+        expected, actual = model.model.eval()(images), restored.model.eval()(images)
+    torch.testing.assert_close(actual.pred_score, expected.pred_score)  # with the trained model's calibration
+    assert bool(torch.isfinite(actual.pred_score).all())
 
 
 def _maps_peaking_at(peaks, grid=(16, 16), seed=0):

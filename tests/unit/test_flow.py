@@ -171,16 +171,26 @@ def test_grid_log_likelihood_is_the_decoders_likelihood(channels, height, width)
     torch.testing.assert_close(scored.reshape(-1), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_grid_log_likelihood_takes_the_channels_last_view_of_nhwc_features():
+@pytest.mark.parametrize(
+    ("memory_format", "contiguous"),
+    [(torch.channels_last, True), (torch.contiguous_format, False)],  # NHWC memory: a view; NCHW: a strided view
+)
+def test_grid_log_likelihood_takes_permuted_views_of_features(memory_format, contiguous):
     decoder = build_decoder(channels=6, condition_dim=4, coupling_blocks=2)
+    decoder[0].initialize(torch.randn(64, 6))
     _randomize_couplings(decoder, scale=0.3)
-    features = torch.randn(2, 6, 3, 4).to(memory_format=torch.channels_last)
-    fibers = features.permute(0, 2, 3, 1)
-    assert fibers.is_contiguous()  # a view of NHWC memory: no copy
+    features = torch.randn(2, 6, 3, 4).to(memory_format=memory_format)
+    fibers = features.permute(0, 2, 3, 1)  # (B, h, w, C), no copy
+    assert fibers.is_contiguous() is contiguous
+    assert fibers.data_ptr() == features.data_ptr()
     condition = grid_condition(4, 3, 4)
-    torch.testing.assert_close(
-        grid_log_likelihood(decoder, fibers, condition), grid_log_likelihood(decoder, fibers.contiguous(), condition)
-    )
+    copy = fibers.contiguous()
+    expected = log_likelihood(*decoder(copy.reshape(-1, 6), c=[condition.dense().repeat(2, 1)])).reshape(2, 3, 4)
+    with torch.no_grad():
+        scored = grid_log_likelihood(decoder, fibers, condition)
+    torch.testing.assert_close(scored, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scored, grid_log_likelihood(decoder, copy, condition), atol=1e-6, rtol=0)
+    assert expected.std() > 0.1  # the positions score differently: a mix-up of fibers would show
 
 
 def _randomize_couplings(decoder: torch.nn.Module, scale: float) -> None:

@@ -1,4 +1,3 @@
-import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -12,12 +11,11 @@ from anomalib_cflow_plus.training import TRAINING_RECIPES
 
 
 def test_paper_defaults_are_constructor_arguments():
-    parameters = inspect.signature(CflowPlus).parameters
-    defaults = {name: parameter.default for name, parameter in parameters.items()}
-    assert defaults["condition_vector"] == 128
-    assert defaults["coupling_blocks"] == 8
-    assert defaults["clamp_alpha"] == 1.9
-    assert TRAINING_RECIPES["paper"] == (256, 2e-4, False)
+    default = CflowPlus(backbone="efficientnet_lite0")  # the paper's decoders: P = 128, K = 8, alpha = 1.9
+    decoder = default.model.decoders[0]
+    assert len(decoder) == 1 + 8  # ActNorm + couplings
+    assert {coupling.clamp_alpha for coupling in decoder[1:]} == {1.9}
+    assert {coupling.subnet.condition_in.in_features for coupling in decoder[1:]} == {128}
     paper = CflowPlus(training_recipe="paper")
     assert (paper.fiber_batch_size, paper.lr) == (256, 2e-4)
     assert CflowPlus(training_recipe="paper", lr=1e-3).lr == 1e-3  # explicit values win over the recipe's
@@ -225,4 +223,8 @@ def test_an_uncalibrated_model_refuses_to_score():
             hook()
     layers = len(model.model.layers)
     model.model.anomaly_map.set_calibration(torch.zeros(layers), torch.zeros(layers), torch.ones(layers))
-    model.on_test_epoch_start()  # calibrated: scores
+    for hook in (model.on_validation_epoch_start, model.on_test_epoch_start, model.on_predict_epoch_start):
+        hook()  # calibrated: no stage refuses
+    with torch.no_grad():
+        scores = model.eval()(torch.rand(2, 3, 64, 64)).pred_score
+    assert scores.shape == (2,) and bool(torch.isfinite(scores).all())

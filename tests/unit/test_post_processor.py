@@ -116,7 +116,9 @@ def test_the_docstring_example_runs():
 
     from anomalib_cflow_plus import post_processor
 
-    assert doctest.testmod(post_processor).failed == 0
+    result = doctest.testmod(post_processor)
+    assert result.attempted > 0  # the examples are there and ran
+    assert result.failed == 0
 
 
 NAN = float("nan")

@@ -6,6 +6,7 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -37,8 +38,16 @@ def test_true_picks_a_seed_and_false_or_no_cli_leaves_the_run_unseeded() -> None
 
 def test_fiber_seeds_depend_on_the_place_in_training_only() -> None:
     seeds = {fiber_seed(7, epoch, batch, rank) for epoch in range(3) for batch in range(50) for rank in range(2)}
-    assert len(seeds) == 300
-    assert fiber_seed(7, 1, 2) == fiber_seed(7, 1, 2)
-    assert all(0 <= seed < 2**63 for seed in seeds)
-    # the key of the releases before the seeding module, so that seeded runs keep their sub-batches
-    assert fiber_seed(7, 1, 2, 1) == (((7 * 1_000_003 + 1) * 1_000_003 + 2) * 101 + 1) % 2**63
+    assert len(seeds) == 300  # every (epoch, batch, rank) its own seed
+    assert all(0 <= seed < 2**63 for seed in seeds)  # torch.Generator's seed range
+    assert fiber_seed(8, 1, 2) != fiber_seed(7, 1, 2)  # the run's seed counts
+    assert fiber_seed(7, 2, 1) != fiber_seed(7, 1, 2)  # epoch and batch are not interchangeable
+    assert 0 <= fiber_seed(2**62, 10**6, 10**6, 7) < 2**63  # large seeds and indices are folded into the range
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        first = fiber_seed(7, 1, 2)
+        torch.manual_seed(1)
+        assert fiber_seed(7, 1, 2) == first  # not drawn from the global random state
+    assert fiber_seed(7, 1, 2, rank=0) == first  # rank 0 is the default
+    # the seeds of the releases before the seeding module, so that seeded runs keep their sub-batches
+    assert fiber_seed(7, 1, 2, 1) == 707_004_343_006_869

@@ -219,4 +219,6 @@ def test_the_docstring_example_runs():
 
     from anomalib_cflow_plus import torch_model
 
-    assert doctest.testmod(torch_model).failed == 0
+    result = doctest.testmod(torch_model)
+    assert result.attempted > 0  # the examples are there and ran
+    assert result.failed == 0

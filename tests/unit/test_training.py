@@ -1,16 +1,46 @@
 """Training without Lightning: the recipes, the fiber sub-batch plan and the learning-rate schedule."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from anomalib_cflow_plus.training import TRAINING_RECIPES, fiber_plan, warmup_cosine_schedule
+from anomalib_cflow_plus.training import fiber_plan, warmup_cosine_schedule
 
 
-def test_the_recipes_say_how_they_step():
-    assert not TRAINING_RECIPES["paper"].joint_layers
-    assert TRAINING_RECIPES["fast"].joint_layers
+def _decoders_per_optimizer_step(recipe: str) -> list[list[int]]:
+    """Run one training step of a small CflowPlus; return, for each optimizer step, the decoders it updated."""
+    from anomalib_cflow_plus import CflowPlus
+
+    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1, training_recipe=recipe, fiber_batch_size=32)
+    decoders = model.model.decoders
+    updated: list[list[int]] = []
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        del set_to_none
+        for parameter in decoders.parameters():
+            parameter.grad = None
+
+    def step() -> None:
+        updated.append([i for i, d in enumerate(decoders) if any(p.grad is not None for p in d.parameters())])
+
+    model.optimizers = lambda: SimpleNamespace(zero_grad=zero_grad, step=step)
+    model.lr_schedulers = lambda: SimpleNamespace(step=lambda: None)
+    model.manual_backward = lambda loss: loss.backward()
+    model.log = lambda *args, **kwargs: None
+    # one process, 32-bit: no DDP wrapper, no gradient scaler
+    model._trainer = SimpleNamespace(world_size=1, model=None, precision_plugin=SimpleNamespace())
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 2 x (8x8, 4x4, 2x2) fibers
+    model.training_step(SimpleNamespace(image=images), 0)
+    return updated
+
+
+def test_the_paper_recipe_steps_layer_after_layer_and_fast_all_layers_at_once():
+    # paper: each layer's 2 * h * w fibers in sub-batches of 32, one decoder per step: 128 / 32 + 1 + 1 steps
+    assert _decoders_per_optimizer_step("paper") == [[0]] * 4 + [[1], [2]]
+    # fast: every step trains the three decoders, each on a share of its positions: 128 / 32 steps
+    assert _decoders_per_optimizer_step("fast") == [[0, 1, 2]] * 4
 
 
 def test_schedule_warms_up_then_decays():
@@ -44,14 +74,22 @@ def test_joint_plan_trains_every_decoder_per_step_on_shared_positions():
         assert max(images * len(chunk) for chunk in chunks) <= 128
 
 
-def test_fiber_plan_is_reproducible_from_its_generator():
-    def plan():
-        return fiber_plan([300, 80], 2, 64, joint_layers=True, generator=torch.Generator().manual_seed(7))
+@pytest.mark.parametrize("joint_layers", [True, False])
+def test_fiber_plan_is_reproducible_from_its_generator(joint_layers):
+    def plan(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [
+            torch.cat([index for _, index in step]) for step in fiber_plan([300, 80], 2, 64, joint_layers, generator)
+        ]
 
-    first, second = plan(), plan()
-    for step_a, step_b in zip(first, second, strict=True):
-        for (_, a), (_, b) in zip(step_a, step_b, strict=True):
-            assert torch.equal(a, b)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        first = plan(7)
+        torch.manual_seed(1)  # the global random state plays no part
+        again = plan(7)
+    assert len(first) == len(again) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = plan(8)
+    assert len(other) == len(first) and not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_resize_size_is_fixed_only_for_a_height_and_width():

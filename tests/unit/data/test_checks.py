@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,10 +187,14 @@ def test_missing_training_folder_is_named(tmp_path: Path) -> None:
         check_training_set(mvtec(tmp_path))
 
 
-def test_training_set_with_images_passes(tmp_path: Path) -> None:
+def test_one_training_image_passes_and_only_datamodules_with_train_data_are_checked(tmp_path: Path) -> None:
     write_category(tmp_path, n_train=1)
-    check_training_set(mvtec(tmp_path))
-    check_training_set(SimpleNamespace())  # a datamodule without train_data is not checked
+    datamodule = mvtec(tmp_path)
+    assert len(datamodule.train_data) == 1
+    assert check_training_set(datamodule) is None  # one image is enough
+    assert check_training_set(SimpleNamespace(name="parts")) is None  # no train_data: not checked
+    with pytest.raises(EmptyTrainingSetError, match=r"The training set of parts is empty"):
+        check_training_set(SimpleNamespace(name="parts", train_data=[]))  # the same datamodule with an empty one
 
 
 def test_empty_folder_datamodule_names_normal_dir(tmp_path: Path) -> None:
@@ -288,9 +293,11 @@ def test_testing_still_stops_on_an_unreadable_image(tmp_path: Path) -> None:
     from anomalib.data import PredictDataset
 
     write_image(tmp_path / "test" / "good.png")
-    truncate(write_image(tmp_path / "test" / "bad.png"))
+    bad = truncate(write_image(tmp_path / "test" / "bad.png"))
     loader = DataLoader(PredictDataset(tmp_path / "test"), collate_fn=lambda items: items)
-    with pytest.raises(UnreadableImagesError):
+    with pytest.raises(
+        UnreadableImagesError, match=rf"test image {re.escape(str(bad))}: OSError: image file is truncated"
+    ):
         DataCheckCallback().on_test_start(SimpleNamespace(test_dataloaders=[loader]), None)
 
 
@@ -302,5 +309,5 @@ def test_callback_without_decoding_keeps_the_empty_check(tmp_path: Path, monkeyp
     DataCheckCallback(decode=False).setup(trainer, None, "fit")
     assert probed == []
     trainer.datamodule.train_data.samples = trainer.datamodule.train_data.samples.iloc[:0]
-    with pytest.raises(EmptyTrainingSetError):
+    with pytest.raises(EmptyTrainingSetError, match=r"The training set of MVTecAD \(category 'cat'\) is empty"):
         DataCheckCallback(decode=False).setup(trainer, None, "fit")

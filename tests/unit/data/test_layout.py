@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from anomalib.data import Folder, MVTecAD
@@ -70,7 +71,12 @@ def test_an_orphan_mask_is_named(category: Path) -> None:
 
 def test_other_datamodules_are_not_checked(category: Path) -> None:
     (category / "ground_truth" / "hole" / "001_mask.png").unlink()
-    check_masks(object())
+    with pytest.raises(MaskMismatchError, match=r"Defect images with no mask \(1\)"):
+        check_masks(mvtec(category))  # the folders are broken
+    # a datamodule of another type with MVTecAD's attributes, and a Folder without masks: their layouts are not known
+    assert check_masks(SimpleNamespace(root=category.parent, category=category.name, name="brick")) is None
+    no_masks = Folder(name="brick", root=category, normal_dir="train/good", abnormal_dir="test/hole", num_workers=0)
+    assert check_masks(no_masks) is None
 
 
 def test_files_mvtec_will_not_read_are_counted_in_one_line(category: Path, caplog) -> None:
