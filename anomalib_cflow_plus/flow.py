@@ -167,7 +167,8 @@ class ConditionalAffineCoupling(InvertibleModule):
         if rev:
             fibers = fibers[..., self.inverse_permutation]
         passive, active = fibers[..., : self.passive_channels], fibers[..., self.passive_channels :]
-        raw_scale, shift = self.subnet(passive, c[0]).chunk(2, dim=-1)
+        # Under autocast the subnet's products are reduced-precision; the affine map and its log-det are not.
+        raw_scale, shift = self.subnet(passive, c[0]).to(fibers.dtype).chunk(2, dim=-1)
         log_scale = self.clamp_alpha * torch.tanh(raw_scale / self.clamp_alpha)
         if rev:
             active = (active - shift) * torch.exp(-log_scale)

@@ -350,8 +350,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             optimizer.zero_grad(set_to_none=True)
             with self._no_gradient_sync():
                 self.manual_backward(loss)
-            if self._gradients_are_finite(loss):
-                optimizer.step()
+            finite = self._gradients_are_finite(loss)
+            if finite or self._grad_scaler is not None:
+                optimizer.step()  # under 16-mixed, the GradScaler skips a non-finite step itself and lowers its scale
+            if finite:
                 losses.append(loss.detach() / len(step))
                 self.consecutive_skips = 0
             else:
@@ -361,6 +363,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
         self.log("skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max")
         return {"loss": loss}
+
+    @property
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The trainer's gradient scaler (``16-mixed``), or ``None``."""
+        return getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
 
     def _step_loss(
         self,

@@ -22,6 +22,7 @@ from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .errors import ConfigurationError
 from .flow import FiberActNorm, build_decoder, grid_log_likelihood, log_likelihood
+from .precision import float32_region
 
 TileCondition = Literal["image", "tile"]
 TILE_CONDITIONS: tuple[str, ...] = ("image", "tile")
@@ -216,9 +217,10 @@ class CflowPlusModel(nn.Module):
         With a tiler, the encoder sees tiles. ``tile_condition="image"`` stitches their features into the
         whole image's maps ``(B, C_l, h_l, w_l)``; ``"tile"`` returns them per tile, ``(B * T, C_l, h_l, w_l)``.
         """
-        if self.tiler is None:
-            return list(self.encoder(images).values())
-        features = list(self.encoder(self.tiler.tile(images)).values())
+        with float32_region(images):  # features are float32 under mixed precision too (see .precision)
+            if self.tiler is None:
+                return list(self.encoder(images).values())
+            features = list(self.encoder(self.tiler.tile(images)).values())
         if self.tile_condition == "tile":
             return features
         return [self.untile(layer_features) for layer_features in features]
@@ -296,14 +298,19 @@ class CflowPlusModel(nn.Module):
         load_encoder_weights(self.feature_encoder, state_dict, self.backbone)
 
     def image_log_likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Log-likelihood maps of whole images ``(B, 3, H, W)``: L tensors ``(B, h_l, w_l)``, tiles stitched."""
-        maps = self.log_likelihood_maps(self.encode(images))
+        """Log-likelihood maps of whole images ``(B, 3, H, W)``: L tensors ``(B, h_l, w_l)``, tiles stitched.
+
+        Computed in float32 under mixed precision too: calibration and scoring must agree with an exported model.
+        """
+        with float32_region(images):
+            maps = self.log_likelihood_maps(self.encode(images))
         if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')
             maps = [self.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
         return maps
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``."""
-        maps = self.image_log_likelihood_maps(images)
-        anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
+        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``, in float32."""
+        with float32_region(images):
+            maps = self.image_log_likelihood_maps(images)
+            anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
