@@ -111,7 +111,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     tile = spec.get("tile")  # [tile size, stride] for anomalib's tiler
     callbacks = [TilerConfigurationCallback(enable=True, tile_size=tile[0], stride=tile[1])] if tile else []
     with tempfile.TemporaryDirectory() as run_dir:
-        engine = cpu_engine(Path(run_dir), spec["epochs"], callbacks)
+        engine = cpu_engine(Path(run_dir), spec["epochs"], callbacks, precision=spec.get("precision", "32-true"))
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         train_s = time.perf_counter() - start
