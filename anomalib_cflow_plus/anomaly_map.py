@@ -17,6 +17,17 @@ from torch.nn import functional as F  # noqa: N812
 
 from .errors import ConfigurationError
 
+__all__ = [
+    "IMAGE_CALIBRATIONS",
+    "IMAGE_SCORES",
+    "SCORE_MODES",
+    "AnomalyMapGenerator",
+    "ImageCalibration",
+    "ImageScore",
+    "ScoreMode",
+    "smoothed_upsampling",
+]
+
 ScoreMode = Literal["paper", "zscore"]
 SCORE_MODES: tuple[str, ...] = ("paper", "zscore")
 ImageScore = Literal["combined", "map", "layer_max"]
@@ -132,7 +143,7 @@ class AnomalyMapGenerator(nn.Module):
         self.layer_max.copy_(maximum)
         self.layer_mean.copy_(mean)
         self.layer_std.copy_(std)
-        empty = torch.zeros(0, 0)
+        empty = self.layer_max.new_zeros(0, 0)
         for layer in range(len(self.layer_max)):
             position_mean, position_std = position_statistics[layer] if position_statistics else (empty, empty)
             setattr(self, f"position_mean_{layer}", position_mean.to(self.layer_max).clone())
@@ -144,7 +155,7 @@ class AnomalyMapGenerator(nn.Module):
         for layer in range(len(self.layer_max)):
             for name in (f"position_mean_{layer}", f"position_std_{layer}"):
                 saved = state_dict.setdefault(prefix + name, torch.zeros(0, 0))
-                setattr(self, name, torch.empty(saved.shape, device=self.layer_max.device))
+                setattr(self, name, self.layer_max.new_empty(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def position_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -9,6 +9,8 @@ import torch
 
 from .errors import ConfigurationError
 
+__all__ = ["GridCondition", "check_condition_dim", "grid_condition", "positional_encoding_1d", "positional_encoding_2d"]
+
 
 def check_condition_dim(condition_dim: int) -> None:
     """Raise a ``ValueError`` unless ``condition_dim`` is a positive multiple of 4 (sin/cos for rows and columns)."""
@@ -26,12 +28,14 @@ def positional_encoding_1d(
     """Sinusoidal encoding of the positions ``0 .. length-1`` in ``channels`` (even) channels -> ``(length, channels)``.
 
     Channel ``2i`` is ``sin(pos * f_i)`` and ``2i + 1`` is ``cos(pos * f_i)``, with the geometric frequencies
-    ``f_i = 10000 ** (-2i / channels)`` of the Transformer.
+    ``f_i = 10000 ** (-2i / channels)`` of the Transformer. Computed in float32, or in ``dtype`` where that is wider
+    (float64), then cast to ``dtype``.
     """
+    compute_dtype = torch.promote_types(dtype, torch.float32)
     frequencies = torch.exp(
-        torch.arange(0, channels, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / channels),
+        torch.arange(0, channels, 2, device=device, dtype=compute_dtype) * (-math.log(10000.0) / channels),
     )
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * frequencies[None, :]
+    angles = torch.arange(length, device=device, dtype=compute_dtype)[:, None] * frequencies[None, :]
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(start_dim=1).to(dtype)
 
 
