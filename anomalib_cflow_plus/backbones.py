@@ -23,6 +23,17 @@ from torch import Tensor, nn
 
 from .errors import CflowPlusError
 
+__all__ = [
+    "HUB_PROBE_TIMEOUT_S",
+    "PACKAGED_BACKBONES",
+    "BackboneWeightsError",
+    "file_state_dict",
+    "hub_state_dict",
+    "load_encoder_weights",
+    "packaged_state_dict",
+    "resolve_state_dict",
+]
+
 
 class BackboneWeightsError(CflowPlusError, RuntimeError):
     """Pretrained encoder weights could not be found, loaded or matched to the model."""

@@ -16,9 +16,20 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.nn import functional as F  # noqa: N812
 
+from .training import process_reduce
+
 if TYPE_CHECKING:
-    from .lightning_model import CflowPlus
     from .torch_model import CflowPlusModel
+
+__all__ = [
+    "PEAK_CONCENTRATION_THRESHOLD",
+    "POSITION_STD_FLOOR",
+    "CalibrationCallback",
+    "LayerStatistics",
+    "calibrate",
+    "peak_window_radius",
+    "training_images",
+]
 
 
 # "auto" position-calibrates the image score when, in every layer, at least this share of the good training images
@@ -181,15 +192,15 @@ class CalibrationCallback(Callback):
         del trainer, pl_module, args
         self.stale = True
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: CflowPlus) -> None:
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Calibrate before validation if training changed the decoders."""
         self._calibrate_if_stale(trainer, pl_module)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: CflowPlus) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Calibrate after the last training batches if validation did not follow them."""
         self._calibrate_if_stale(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: CflowPlus, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Calibrate a checkpoint taken after training batches that no validation followed.
 
         E.g. with ``limit_val_batches=0`` or no validation split: the checkpoint of the epoch's end would
@@ -204,7 +215,14 @@ class CalibrationCallback(Callback):
             if key in state:
                 state[key] = value.detach().clone()
 
-    def _calibrate_if_stale(self, trainer: Trainer, pl_module: CflowPlus) -> None:
-        if self.stale:
-            pl_module.calibrate(training_images(trainer, pl_module))
-            self.stale = False
+    def _calibrate_if_stale(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Calibrate ``pl_module.model`` on the training images; with several processes, each calibrates its shard.
+
+        The statistics are then merged across processes, so that every process holds the same constants.
+        """
+        if not self.stale:
+            return
+        reduce = process_reduce(trainer)
+        merge = None if reduce is None else (lambda statistics: statistics.merge(reduce))
+        calibrate(pl_module.model, training_images(trainer, pl_module), pl_module.device, merge)
+        self.stale = False

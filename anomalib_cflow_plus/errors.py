@@ -3,10 +3,11 @@
 In ``anomalib train/test/predict/export``, an uncaught exception is printed by rich's traceback hook (which
 anomalib's CLI installs) as a box of some 140 lines, and a bad model argument reaches it wrapped by
 jsonargparse in a ``Union`` error with a dump of every argument, so that the one line that says what to
-change is hard to find. When a :class:`CflowPlusError` is raised inside the anomalib CLI, a hook is put in
-front of rich's: if the uncaught exception is, holds or quotes a :class:`CflowPlusError`, it prints only that
-error's message, as the last lines of the output; any other exception keeps rich's report. Setting
-``CFLOW_PLUS_TRACEBACK=1`` brings the full traceback back. In Python (outside the CLI) nothing changes.
+change is hard to find. In the ``anomalib`` command, the start-up hook (``anomalib_cflow_plus_hook``) puts
+:func:`install_cli_report` in front of rich's hook once anomalib's CLI module has loaded: if the uncaught exception
+is, holds or quotes a :class:`CflowPlusError`, it prints only that error's message, as the last lines of the output;
+any other exception keeps rich's report. Setting ``CFLOW_PLUS_TRACEBACK=1`` brings the full traceback back. In
+Python (outside the CLI) nothing changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from collections import deque
 from pathlib import Path
 from types import TracebackType
 
+__all__ = [
+    "TRACEBACK_VARIABLE",
+    "CflowPlusError",
+    "ConfigurationError",
+    "NotCalibratedError",
+    "find_user_error",
+    "install_cli_report",
+    "report",
+    "running_anomalib_cli",
+]
+
 TRACEBACK_VARIABLE = "CFLOW_PLUS_TRACEBACK"
 _RECENT_ERRORS: deque[CflowPlusError] = deque(maxlen=16)  # recent instances, to find one that jsonargparse quotes
 
@@ -26,9 +38,7 @@ class CflowPlusError(Exception):
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
-        _RECENT_ERRORS.append(self)
-        if running_anomalib_cli():
-            install_cli_report()
+        _RECENT_ERRORS.append(self)  # jsonargparse may keep only its text: the CLI report finds it here
 
 
 class ConfigurationError(CflowPlusError, ValueError):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .errors import ConfigurationError
 from .quantization import (
     ACCURACY_CONTROL_STAGES,
     calibration_dataset,
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from anomalib import TaskType
     from anomalib.data import AnomalibDataModule
     from torchmetrics import Metric
+
+__all__ = ["CflowPlusExportMixin", "fold_onnx_constants", "out_of_place_activations"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,12 @@ class CflowPlusExportMixin:
         Opset 18 is what torch's exporter writes: anomalib's default of 14 makes it down-convert the smoothing
         filter's ``Pad``, which has no adapter and falls back with an error trace. ``optimize=True`` in
         ``kwargs`` runs onnxscript's full optimizer instead of the constant folding.
+
+        Raises:
+            NotCalibratedError: When the model has not been fitted: its exported scores would be meaningless.
+
         """
+        self.model.require_calibration("export")  # type: ignore[attr-defined]
         kwargs.setdefault("opset_version", ONNX_OPSET)
         full_optimizer = bool(kwargs.pop("optimize", False))
         with out_of_place_activations(self), quiet_constant_folding():  # type: ignore[arg-type]
@@ -121,15 +129,30 @@ class CflowPlusExportMixin:
                 fold_onnx_constants(path)
         return path
 
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Anomalib's torch export, of a fitted model only.
+
+        Raises:
+            NotCalibratedError: When the model has not been fitted.
+
+        """
+        self.model.require_calibration("export")  # type: ignore[attr-defined]
+        return super().to_torch(export_root, model_file_name)  # type: ignore[misc]
+
     def _post_training_quantization_ov(
         self,
         model: ov.Model,
         datamodule: AnomalibDataModule | None = None,
     ) -> ov.Model:
-        """INT8 encoder and flows, calibrated on the datamodule's training images; the scoring tail stays FP32."""
+        """INT8 encoder and flows, calibrated on the datamodule's training images; the scoring tail stays FP32.
+
+        Raises:
+            ConfigurationError: Without a datamodule.
+
+        """
         if datamodule is None:
             msg = "INT8_PTQ needs a datamodule: its training images calibrate the quantization."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         calibration = calibration_dataset(model, datamodule)
         return quantize(model, calibration, ("encoder", "flows"), decoder_weights(self.model.decoders))
 
@@ -151,14 +174,18 @@ class CflowPlusExportMixin:
         A label metric such as F1 is brittle here: anomalib's adaptive threshold sits exactly on one validation
         image's score, whose label then flips under any perturbation, so one image's worth of F1 is lost even
         when nothing else changes. Ranking metrics (AUROC) do not have this tie.
+
+        Raises:
+            ConfigurationError: Without a datamodule, or with ``max_drop`` outside ``[0, 1]`` or an unknown metric.
+
         """
         del task
         if datamodule is None:
             msg = "INT8_ACQ needs a datamodule: training images calibrate, the validation split checks accuracy."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         if not 0 <= max_drop <= 1:
             msg = f"max_drop must lie in [0, 1], got {max_drop}."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         metric = resolve_metric(metric)
         validate = validation_function(metric, datamodule, input_resizer(model.input(0).get_partial_shape()))
         metric_name = getattr(metric, "name", type(metric).__name__)

@@ -20,6 +20,17 @@ from torch.nn import functional as F  # noqa: N812
 
 from .condition import GridCondition
 
+__all__ = [
+    "ConditionalAffineCoupling",
+    "ConditionalSubnet",
+    "FiberActNorm",
+    "build_decoder",
+    "flow_loss",
+    "grid_log_likelihood",
+    "log_likelihood",
+    "permute_channels",
+]
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -229,11 +240,12 @@ class FiberActNorm(InvertibleModule):
     def forward(
         self,
         x: Sequence[torch.Tensor],
+        c: Sequence[torch.Tensor] = (),
         rev: bool = False,
         jac: bool = True,
     ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-        """Normalize fibers ``x[0]`` (..., C); return ``((y,), log_det (...))``."""
-        del jac
+        """Normalize fibers ``x[0]`` (..., C); return ``((y,), log_det (...))``. Unconditional: ``c`` is unused."""
+        del c, jac
         fibers = x[0]
         log_det = self.scale.sum().expand(fibers.shape[:-1])
         if rev:

@@ -24,6 +24,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 from .errors import ConfigurationError
 
+__all__ = ["THRESHOLD_MODES", "CflowPlusPostProcessor", "NormalScores", "ThresholdMode"]
+
 logger = logging.getLogger(__name__)
 
 ThresholdMode = Literal["auto", "normal", "f1"]

@@ -22,10 +22,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from .errors import ConfigurationError
+
 if TYPE_CHECKING:
     import openvino as ov
     from anomalib.data import AnomalibDataModule
     from torchmetrics import Metric
+
+__all__ = [
+    "ACCURACY_CONTROL_STAGES",
+    "METRIC_FIELDS",
+    "GraphRegions",
+    "ModelInputs",
+    "calibration_dataset",
+    "cpu_inference_config",
+    "decoder_weights",
+    "fp32_tail_names",
+    "graph_regions",
+    "input_resizer",
+    "is_quantized",
+    "quantize",
+    "quiet_nncf",
+    "resolve_metric",
+    "validation_function",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +93,7 @@ class GraphRegions:
         unknown = keep - {"encoder", "flows"}
         if unknown:
             msg = f"Unknown INT8 regions {sorted(unknown)}; choose among 'encoder' and 'flows'."
-            raise ValueError(msg)
+            raise ConfigurationError(msg)
         names = list(self.tail)
         if "encoder" not in keep:
             names.extend(self.encoder)
@@ -239,7 +259,7 @@ def resolve_metric(metric: Metric | str | None) -> Metric:
         return metric
     if metric not in METRIC_FIELDS:
         msg = f"Unknown metric {metric!r} for INT8_ACQ; choose one of {sorted(METRIC_FIELDS)} or pass a metric."
-        raise ValueError(msg)
+        raise ConfigurationError(msg)
     return getattr(anomalib.metrics, metric)(fields=METRIC_FIELDS[metric], strict=False)
 
 

@@ -27,6 +27,25 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+__all__ = [
+    "LOSS_FILE_STEM",
+    "SCORES_FILE_STEM",
+    "BatchLoss",
+    "EpochLoss",
+    "ScoredImage",
+    "TrainingReportCallback",
+    "batch_image_scores",
+    "batch_loss_value",
+    "batch_size_of",
+    "epoch_losses",
+    "gather_from_all_ranks",
+    "image_threshold",
+    "plot_score_histogram",
+    "plot_training_loss",
+    "unique_images",
+    "write_json",
+]
+
 logger = logging.getLogger(__name__)
 
 LOSS_FILE_STEM = "training_loss"
@@ -51,7 +70,7 @@ class EpochLoss(TypedDict):
     last_batch: int
 
 
-class ImageScore(TypedDict):
+class ScoredImage(TypedDict):
     """The score of one test image and its ground-truth label (``None`` when the data has none)."""
 
     image_path: str | None
@@ -93,7 +112,7 @@ def batch_size_of(batch: Any) -> int:
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.ndim > 0 else 1
 
 
-def batch_image_scores(batch: Any) -> list[ImageScore]:
+def batch_image_scores(batch: Any) -> list[ScoredImage]:
     """Score, label and path of every image in an anomalib batch (``pred_score (B,)``, ``gt_label (B,)``)."""
     scores = getattr(batch, "pred_score", None)
     if scores is None:
@@ -103,7 +122,7 @@ def batch_image_scores(batch: Any) -> list[ImageScore]:
     labels = [None] * len(scores) if labels is None else [int(label) for label in labels.reshape(-1).cpu().tolist()]
     paths = getattr(batch, "image_path", None) or [None] * len(scores)
     return [
-        ImageScore(image_path=None if path is None else str(path), gt_label=label, pred_score=score)
+        ScoredImage(image_path=None if path is None else str(path), gt_label=label, pred_score=score)
         for path, label, score in zip(paths, labels, scores, strict=True)
     ]
 
@@ -135,7 +154,7 @@ def gather_from_all_ranks(records: list[Any]) -> list[Any]:
     return [record for rank_records in gathered for record in rank_records or []]
 
 
-def unique_images(scores: list[ImageScore]) -> list[ImageScore]:
+def unique_images(scores: list[ScoredImage]) -> list[ScoredImage]:
     """Drop repeated images (a distributed sampler pads ranks with repeats); images without a path are kept."""
     seen: set[str] = set()
     unique = []
@@ -168,7 +187,7 @@ def plot_training_loss(history: Sequence[BatchLoss], path: Path) -> Path:
     return path
 
 
-def plot_score_histogram(scores: Sequence[ImageScore], threshold: float | None, scale: str, path: Path) -> Path:
+def plot_score_histogram(scores: Sequence[ScoredImage], threshold: float | None, scale: str, path: Path) -> Path:
     """Write a histogram of the image scores, normal against anomalous, with the threshold, as a PNG."""
     figure = Figure(figsize=(7, 4), layout="constrained")
     axes = figure.subplots()
@@ -215,7 +234,7 @@ class TrainingReportCallback(Callback):
     def __init__(self, output_dir: str | Path | None = None) -> None:
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.loss_history: list[BatchLoss] = []
-        self.image_scores: list[ImageScore] = []
+        self.image_scores: list[ScoredImage] = []
         self._unread_batch: Any = None
 
     def report_dir(self, trainer: Trainer) -> Path:

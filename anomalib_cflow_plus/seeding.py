@@ -14,6 +14,21 @@ import os
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
+
+__all__ = [
+    "GENERATOR_SEED_RANGE",
+    "KEY_RADIX",
+    "RANK_MULTIPLIER",
+    "SEED_VARIABLE",
+    "CliSeed",
+    "EpochSeedCallback",
+    "apply_cli_seed",
+    "cli_seed_setting",
+    "fiber_generator",
+    "fiber_seed",
+    "global_seed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +80,36 @@ def apply_cli_seed(trainer: Trainer) -> bool:
     return True
 
 
+class CliSeed:
+    """Applies the CLI's seed (``--seed_everything``) once per process, from the model's first hook that can.
+
+    anomalib's CLI builds the model before any seed could be set, so its decoders were drawn unseeded: a fit
+    redraws them under the seed (a resumed fit too, before the checkpoint's weights replace them).
+    """
+
+    def __init__(self) -> None:
+        self.applied = False
+
+    def apply(self, trainer: Trainer | None) -> bool:
+        """Seed from ``trainer``'s CLI once; whether the decoders should be redrawn (a seed was set, for a fit)."""
+        if trainer is None or self.applied:
+            return False
+        self.applied = True
+        return apply_cli_seed(trainer) and trainer.state.fn == TrainerFn.FITTING
+
+
+def fiber_generator(epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator | None:
+    """Return the generator of one batch's fiber sub-batches: seeded by (seed, epoch, batch, rank), or ``None``.
+
+    Seeding by the place in training, not by the global random state, makes a resumed run draw the same sub-batches
+    as an uninterrupted one; processes add their rank, so that they differ. ``None`` in an unseeded run.
+    """
+    seed = global_seed()
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(fiber_seed(seed, epoch, batch, rank))
+
+
 class EpochSeedCallback(Callback):
     """Reseed the global random state per epoch of a seeded run: a resumed run then matches an uninterrupted one.
 
@@ -73,7 +118,7 @@ class EpochSeedCallback(Callback):
     ``seed + epoch``. Creating the epoch's iterator draws one more number (torch's base seed for
     the loader); Lightning creates it after this hook for later epochs, but before it for the
     first epoch of a fit, fresh or resumed, so that draw is repeated here then. The fiber
-    sub-batches use their own generator (:meth:`CflowPlus._fiber_generator`). Inactive unless
+    sub-batches use their own generator (:func:`fiber_generator`). Inactive unless
     ``seed_everything`` set a seed. A checkpoint taken mid-epoch resumes with another order.
     """
 

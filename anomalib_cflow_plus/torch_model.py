@@ -20,9 +20,18 @@ from torch import nn
 from .anomaly_map import IMAGE_CALIBRATIONS, AnomalyMapGenerator, ImageCalibration, ImageScore, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NotCalibratedError
 from .flow import FiberActNorm, build_decoder, grid_log_likelihood, log_likelihood
 from .precision import float32_region
+
+__all__ = [
+    "TILE_CONDITIONS",
+    "CflowPlusModel",
+    "TileCondition",
+    "feature_levels",
+    "resolve_layers",
+    "similar_backbones",
+]
 
 TileCondition = Literal["image", "tile"]
 TILE_CONDITIONS: tuple[str, ...] = ("image", "tile")
@@ -308,8 +317,39 @@ class CflowPlusModel(nn.Module):
             maps = [self.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
         return maps
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the calibration constants are fitted (always ``True`` on the ``meta`` device, which holds none)."""
+        flag = self.anomaly_map.calibrated
+        return flag.is_meta or bool(flag)
+
+    def require_calibration(self, action: str = "score") -> None:
+        """Refuse to ``action`` (score, validate, export, ...) before the calibration constants are fitted.
+
+        Without them every layer's scores have a constant of zero, and the layers are not comparable: the scores
+        and maps would look plausible and be wrong.
+
+        Raises:
+            NotCalibratedError: When the model has not been fitted.
+
+        """
+        if not self.calibrated:
+            msg = (
+                f"CflowPlus cannot {action}: it has not been fitted, so its scores are not calibrated. Train it first "
+                "(engine.fit / anomalib train), or load a trained checkpoint (ckpt_path=... / --ckpt_path); a torch "
+                "model alone is calibrated by anomalib_cflow_plus.calibration.calibrate(model, normal_images, device)."
+            )
+            raise NotCalibratedError(msg)
+
     def forward(self, images: torch.Tensor) -> InferenceBatch:
-        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``, in float32."""
+        """Score images ``(B, 3, H, W)``: ``pred_score (B,)`` and ``anomaly_map (B, 1, H, W)``, in float32.
+
+        Raises:
+            NotCalibratedError: When the model has not been fitted (checked in eager mode; an export checks first).
+
+        """
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.require_calibration("score images")
         with float32_region(images):
             maps = self.image_log_likelihood_maps(images)
             anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))

@@ -1,22 +1,48 @@
-"""How CflowPlus trains its decoders, free of Lightning: the recipes, the fiber sub-batch plan and the schedule.
+"""How CflowPlus trains its decoders, free of Lightning: the recipes, the fiber sub-batch plan, the schedule, the step.
 
 Training follows the paper's recipe: the frozen encoder's features are split, per layer, into random sub-batches
 of ``fiber_batch_size`` fibers, and each sub-batch makes one Adam step on the ``-log sigmoid`` of its
 per-dimension log-likelihood (:func:`~.flow.flow_loss`). :func:`fiber_plan` draws the sub-batches of one batch
-of images; :func:`warmup_cosine_schedule` gives the learning rate of each step.
+of images, :func:`warmup_cosine_schedule` gives the learning rate of each step, and :class:`DecoderTraining` makes
+the steps of one batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
 from .errors import ConfigurationError
+from .flow import flow_loss
+
+if TYPE_CHECKING:
+    from .condition import GridCondition
+    from .torch_model import CflowPlusModel
+
+__all__ = [
+    "DEFAULT_TRAIN_BATCH_SIZE",
+    "TRAINING_RECIPES",
+    "DecoderTraining",
+    "RecipeDefaults",
+    "Reduce",
+    "TrainingRecipe",
+    "check_fiber_batch_size",
+    "check_training_options",
+    "fiber_plan",
+    "process_reduce",
+    "resize_size",
+    "resolve_recipe",
+    "warmup_cosine_schedule",
+]
+
+logger = logging.getLogger(__name__)
 
 TrainingRecipe = Literal["fast", "paper"]
 DEFAULT_TRAIN_BATCH_SIZE = 32  # anomalib's datamodules' default
@@ -71,6 +97,7 @@ def fiber_plan(
     fiber_batch_size: int,
     joint_layers: bool,
     generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> list[list[tuple[int, torch.Tensor]]]:
     """Split each layer's fibers into random sub-batches and group them into optimizer steps.
 
@@ -84,12 +111,13 @@ def fiber_plan(
             positions, and the layer with the most fibers sets the steps, ``ceil(max B*h_l*w_l / N)``.
             Sharing positions across the images lets a step project each condition once, not B times.
         generator: Random generator of the permutations.
+        device: Device of the indices when ``generator`` is ``None`` (a generator's own device otherwise).
 
     Returns:
         Steps; each is a list of ``(layer, indices (n,))``.
 
     """
-    device = generator.device if generator is not None else None
+    device = generator.device if generator is not None else device
     if not joint_layers:
         orders = [torch.randperm(images * count, generator=generator, device=device) for count in positions_per_layer]
         return [[(layer, index)] for layer, order in enumerate(orders) for index in order.split(fiber_batch_size)]
@@ -174,3 +202,171 @@ def resize_size(pre_processor: object) -> tuple[int, int] | None:
                 return int(size[0]), int(size[1])
             return None
     return None
+
+
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+"""``reduce(tensor, op)`` across processes, ``op`` in ``"mean" | "max" | "sum"``, e.g. Lightning's strategy's."""
+
+
+def process_reduce(trainer: Any) -> Reduce | None:
+    """Return the trainer's cross-process reduction as a :data:`Reduce` onto its device, or ``None`` on one process.
+
+    ``trainer`` is Lightning's (``world_size``, ``strategy.reduce`` and ``strategy.root_device``), read duck-typed.
+    """
+    if trainer is None or trainer.world_size == 1:
+        return None
+    strategy = trainer.strategy
+    return lambda values, op: strategy.reduce(values.to(strategy.root_device), reduce_op=op)
+
+
+class DecoderTraining:
+    """The decoders' training step: the fiber plan, the step losses, the finite-step guard and gradient averaging.
+
+    Free of Lightning: the optimizer and the backward pass come in as arguments, and so does ``reduce`` for
+    several processes, whose gradients are averaged here (the caller keeps DDP's own reducer out through
+    ``no_sync``: a step makes several backward passes, each over some decoders only).
+
+    Args:
+        model: The :class:`~.torch_model.CflowPlusModel` whose decoders train.
+        fiber_batch_size: ``N``.
+        joint_layers: The recipe's stepping, see :func:`fiber_plan`.
+        max_skipped_steps: Consecutive non-finite steps skipped before :class:`FloatingPointError`.
+
+    Attributes:
+        skipped_steps: Optimizer steps skipped so far for a non-finite loss or gradient.
+
+    """
+
+    def __init__(
+        self, model: CflowPlusModel, fiber_batch_size: int, joint_layers: bool, max_skipped_steps: int
+    ) -> None:
+        self.model = model
+        self.fiber_batch_size = fiber_batch_size
+        self.joint_layers = joint_layers
+        self.max_skipped_steps = max_skipped_steps
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        optimizer: Any,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+        reduce: Reduce | None = None,
+        generator: torch.Generator | None = None,
+        no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        scaled: bool = False,
+    ) -> torch.Tensor:
+        """Train on one batch of pre-processed images ``(B, 3, H, W)``: a few optimizer steps over its fibers.
+
+        Args:
+            images: The batch.
+            optimizer: Has ``zero_grad(set_to_none=...)`` and ``step()`` (e.g. Lightning's wrapped optimizer).
+            backward: Back-propagates a loss (e.g. ``LightningModule.manual_backward``, which scales it under
+                ``16-mixed``).
+            reduce: Cross-process reduction (:func:`process_reduce`), or ``None`` on one process.
+            generator: Draws the fiber sub-batches; ``None`` uses the global random state.
+            no_sync: Context in which the backward passes run (DDP's ``no_sync``).
+            scaled: A gradient scaler steps the optimizer: it skips a non-finite step itself and lowers its scale,
+                so every step is handed to it.
+
+        Returns:
+            The mean loss per layer of the steps taken (NaN when every step was skipped).
+
+        Raises:
+            FloatingPointError: After ``max_skipped_steps`` non-finite steps in a row.
+
+        """
+        features = self.model.encode(images)
+        if not self.model.normalization_initialized:
+            self.initialize_normalization(features, reduce)
+        fibers, conditions = zip(*(self.model.fibers(layer_features) for layer_features in features), strict=True)
+        plan = fiber_plan(
+            [condition.grid_size for condition in conditions],
+            len(features[0]),  # images, or tiles of them
+            self.fiber_batch_size,
+            joint_layers=self.joint_layers,
+            generator=generator,
+            device=images.device,
+        )
+        if not self.joint_layers:
+            fibers = [layer_fibers.flatten(end_dim=1) for layer_fibers in fibers]  # (B*h*w, C_l)
+        losses = []
+        for step in plan:
+            loss = self.step_loss(step, fibers, conditions)
+            optimizer.zero_grad(set_to_none=True)
+            with no_sync():
+                backward(loss)
+            finite = self.gradients_are_finite(loss, reduce)
+            if finite or scaled:
+                optimizer.step()
+            if finite:
+                losses.append(loss.detach() / len(step))
+                self.consecutive_skips = 0
+            else:
+                self.skip_step()
+        return torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=images.device)
+
+    def step_loss(
+        self,
+        step: Sequence[tuple[int, torch.Tensor]],
+        fibers: Sequence[torch.Tensor],
+        conditions: Sequence[GridCondition],
+    ) -> torch.Tensor:
+        """Sum over a step's layers of the flow loss of the fibers its indices pick.
+
+        Joint steps pick positions of fibers ``(B, h*w, C_l)``, giving ``(B, n, C_l)``; paper steps pick flat fibers
+        of ``(B*h*w, C_l)``, giving ``(n, C_l)``.
+        """
+        losses = []
+        for layer, index in step:
+            picked = fibers[layer][:, index] if self.joint_layers else fibers[layer][index]
+            log_likelihoods = self.model.fiber_log_likelihood(layer, picked, conditions[layer].select(index))
+            losses.append(flow_loss(log_likelihoods))
+        return torch.stack(losses).sum()
+
+    def initialize_normalization(self, features: Sequence[torch.Tensor], reduce: Reduce | None = None) -> None:
+        """Data-initialize the decoders' ActNorms from a batch of features, averaged over processes.
+
+        A batch with NaN or Inf features is passed over: it would poison the initialization; the next batch does it.
+        """
+        if not all(bool(torch.isfinite(layer_features).all()) for layer_features in features):
+            return
+        self.model.initialize_normalization(features)
+        if reduce is not None:
+            for actnorm in self.model.normalizations:
+                for parameter in actnorm.parameters():
+                    parameter.data.copy_(reduce(parameter.data.clone(), "mean"))
+
+    def gradients_are_finite(self, loss: torch.Tensor, reduce: Reduce | None = None) -> bool:
+        """Average the decoders' gradients over processes; whether they and the loss are finite on every process."""
+        parameters = [parameter for parameter in self.model.decoders.parameters() if parameter.grad is not None]
+        if reduce is None:  # one fused pass; a NaN or Inf makes it non-finite
+            norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in parameters], error_if_nonfinite=False)
+            return bool(torch.isfinite(loss.detach() + norm))
+        flat = torch.cat([loss.detach().reshape(1).float(), *(p.grad.reshape(-1).float() for p in parameters)])
+        flat = reduce(flat, "mean")  # a NaN or Inf on any process reaches all
+        offset = 1
+        for parameter in parameters:
+            size = parameter.grad.numel()
+            parameter.grad.copy_(flat[offset : offset + size].view_as(parameter.grad))
+            offset += size
+        return bool(torch.isfinite(flat).all())
+
+    def skip_step(self) -> None:
+        """Count a skipped step; stop training when too many follow one another.
+
+        Raises:
+            FloatingPointError: On the ``max_skipped_steps``-th skip in a row.
+
+        """
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        logger.warning("Skipped an optimizer step with a non-finite loss or gradient (%d so far).", self.skipped_steps)
+        if self.consecutive_skips >= self.max_skipped_steps:
+            msg = (
+                f"Training stopped: {self.consecutive_skips} optimizer steps in a row had a non-finite loss or "
+                "gradient (NaN or Inf). Check the input images for NaN/Inf values and the pre-processing; "
+                "a lower lr may help. The decoders keep their last finite weights."
+            )
+            raise FloatingPointError(msg)

@@ -38,6 +38,7 @@ from anomalib.models.components.base.export_mixin import ExportMixin
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.export import ONNX_OPSET
 from benchmarks.jobs import OUT_DIR
+from benchmarks.pair_models import calibrate_for_timing
 
 
 def build_model(backbone: str, size: int, stock: bool) -> CflowPlus:
@@ -45,6 +46,7 @@ def build_model(backbone: str, size: int, stock: bool) -> CflowPlus:
     torch.manual_seed(0)
     model = CflowPlus(backbone=backbone, pre_trained=False)
     model.model.initialize_normalization(model.model.encode(torch.rand(2, 3, size, size)))
+    calibrate_for_timing(model, size)
     if stock:  # to_openvino calls self.to_onnx: an instance attribute takes precedence over the class's method
         model.to_onnx = functools.partial(ExportMixin.to_onnx, model, opset_version=ONNX_OPSET)
     return model.eval()

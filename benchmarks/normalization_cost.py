@@ -37,7 +37,7 @@ IMAGE_SIZE = (256, 256)
 def calibrated_pair(images: list[torch.Tensor]) -> dict[str, CflowPlus]:
     """The same model twice, calibrated by layer and by position, with the calibration's wall time."""
     model = CflowPlus(image_calibration="layer", visualizer=False)
-    model.load_pretrained_encoder()
+    model.model.load_pretrained(model.weights)
     model.model.initialize_normalization(model.model.encode(torch.rand(2, 3, *IMAGE_SIZE)))
     position = copy.deepcopy(model)
     position.model.image_calibration = "position"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import PACKAGED_BACKBONES, load_encoder_weights, packaged_state_dict
+from anomalib_cflow_plus.calibration import calibrate
 from anomalib_cflow_plus.torch_model import feature_levels, resolve_layers
 
 CFLOW = "cflow"
@@ -142,6 +143,17 @@ def load_shared_encoder(model: AnomalibModule, state_dict: Mapping[str, Tensor],
     load_encoder_weights(encoder_of(model), state_dict, backbone)
 
 
+def calibrate_for_timing(model: CflowPlus, size: int | tuple[int, int]) -> CflowPlus:
+    """Calibrate an untrained CflowPlus on two random images, so that it scores and exports: for timing only.
+
+    A model refuses to score or export before calibration; its time and size do not depend on the constants.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    calibrate(model.model, [images], model.device)
+    return model
+
+
 def prepare_for_inference(model: AnomalibModule, image_size: int) -> AnomalibModule:
     """Eval mode; an untrained CflowPlus first gets weights shaped like a trained one's.
 
@@ -156,6 +168,7 @@ def prepare_for_inference(model: AnomalibModule, image_size: int) -> AnomalibMod
             for name, parameter in model.model.decoders.named_parameters():
                 if ".subnet.out." in name:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-2)
+        calibrate_for_timing(model, image_size)
     return model.eval()
 
 

@@ -29,6 +29,27 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from ..errors import CflowPlusError
 
+__all__ = [
+    "ASPECT_TOLERANCE",
+    "DATAMODULE_SUBSETS",
+    "HIGH_BIT_DEPTH_MODES",
+    "MAX_LISTED_NAMES",
+    "DataCheckCallback",
+    "EmptyTrainingSetError",
+    "FileRole",
+    "ImageFile",
+    "ImageProbe",
+    "ImageProblem",
+    "UnreadableImagesError",
+    "check_training_set",
+    "dataset_files",
+    "drop_images",
+    "find_image_problems",
+    "probe_image",
+    "probe_unless_known_good",
+    "same_aspect_ratio",
+]
+
 logger = logging.getLogger(__name__)
 
 FileRole = Literal["image", "mask"]

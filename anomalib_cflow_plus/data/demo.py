@@ -31,6 +31,44 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw, morphology
 
+__all__ = [
+    "ALPHA_THRESHOLD",
+    "COVERAGE_RANGE",
+    "CROP_FRACTION",
+    "DEFECT_TYPES",
+    "DEMO_TEXTURES",
+    "MIN_DEFECT_DELTA",
+    "MIN_IMAGE_SIZE",
+    "PAINTERS",
+    "PERLIN_RESOLUTION",
+    "DefectSample",
+    "ImageSize",
+    "Painter",
+    "Shape",
+    "apply_defect",
+    "category_complete",
+    "composite",
+    "enforce_min_change",
+    "gaussian_window",
+    "generate_demo_dataset",
+    "grey_target",
+    "image_rng",
+    "image_shape",
+    "irregular_blob",
+    "load_photo",
+    "paint_hole",
+    "paint_perlin",
+    "paint_scratch",
+    "paint_stain",
+    "perlin_noise",
+    "planned_files",
+    "random_stroke",
+    "random_view",
+    "render_sample",
+    "save_png",
+    "write_category",
+]
+
 DEMO_TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
 DEFECT_TYPES: tuple[str, ...] = ("perlin", "scratch", "hole", "stain")
 MIN_IMAGE_SIZE = 32

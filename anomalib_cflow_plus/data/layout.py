@@ -22,6 +22,8 @@ from anomalib.data.utils.path import _prepare_files_labels
 
 from ..errors import CflowPlusError
 
+__all__ = ["IMAGE_SUFFIXES", "MAX_LISTED", "MaskMismatchError", "check_layout", "check_masks", "report_skipped_files"]
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -138,3 +140,19 @@ def report_skipped_files(datamodule: Any) -> int:
     if skipped:
         logger.warning("MVTecAD will not read %d files under %s: %s.", skipped, category, "; ".join(parts))
     return skipped
+
+
+def check_layout(datamodule: Any) -> None:
+    """Check a datamodule's files as every run does before its datasets are built.
+
+    Masks must pair with defective images (:func:`check_masks`), and files MVTecAD would skip are reported
+    (:func:`report_skipped_files`). ``None`` (no datamodule, e.g. bare dataloaders) is not checked.
+
+    Raises:
+        MaskMismatchError: When masks and defective images do not pair.
+
+    """
+    if datamodule is None:
+        return
+    check_masks(datamodule)
+    report_skipped_files(datamodule)

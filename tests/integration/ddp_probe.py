@@ -33,7 +33,7 @@ class DecoderFingerprint(Callback):
             "decoder_norm": decoders.norm().item(),
             "layer_max": calibration.layer_max.tolist(),
             "layer_mean": calibration.layer_mean.tolist(),
-            "skipped_steps": pl_module.skipped_steps,
+            "skipped_steps": pl_module.decoder_training.skipped_steps,
         }
         directory = Path(os.environ["DDP_PROBE_DIR"])
         directory.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def test_a_mixed_precision_fit_scores_as_the_float32_fit(
     engine.fit(model, datamodule=datamodule)
     assert isinstance(engine.trainer.precision_plugin, MixedPrecision)
     assert engine.trainer.precision_plugin.precision == precision
-    assert model.skipped_steps == 0
+    assert model.decoder_training.skipped_steps == 0
     assert all(bool(torch.isfinite(parameter).all()) for parameter in model.model.decoders.parameters())
     assert all(parameter.dtype == torch.float32 for parameter in model.model.parameters())
     calibration = model.model.anomaly_map.state_dict()

@@ -7,7 +7,7 @@ import torch
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2 import Resize
 
-from anomalib_cflow_plus import CflowPlus
+from anomalib_cflow_plus import CflowPlus, calibration
 from anomalib_cflow_plus.calibration import (
     POSITION_STD_FLOOR,
     CalibrationCallback,
@@ -18,31 +18,63 @@ from anomalib_cflow_plus.calibration import (
 
 
 class RecordingModule:
+    """The parts of a CflowPlus the callback reads: its torch model, device and pre-processor."""
+
     def __init__(self, pre_processor=None) -> None:
         self.pre_processor = pre_processor
-        self.calibrated_on: list[list[torch.Tensor]] = []
-
-    def calibrate(self, images) -> None:
-        self.calibrated_on.append(list(images))
+        self.model = object()
+        self.device = torch.device("cpu")
 
 
-def _trainer(*shapes):
-    return SimpleNamespace(train_dataloader=[SimpleNamespace(image=torch.zeros(shape)) for shape in shapes])
+def _trainer(*shapes, world_size: int = 1, strategy=None):
+    loader = [SimpleNamespace(image=torch.zeros(shape)) for shape in shapes]
+    return SimpleNamespace(train_dataloader=loader, world_size=world_size, strategy=strategy)
 
 
-def test_calibrates_only_after_the_decoders_moved():
+@pytest.fixture
+def calibrations(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Record the callback's calls of ``calibrate``: (model, image shapes, merge)."""
+    calls = []
+
+    def record(model, images, device, merge=None) -> None:
+        calls.append((model, [tuple(image.shape) for image in images], merge))
+
+    monkeypatch.setattr(calibration, "calibrate", record)
+    return calls
+
+
+def test_calibrates_only_after_the_decoders_moved(calibrations):
     callback, module, trainer = CalibrationCallback(), RecordingModule(), _trainer((2, 3, 8, 8), (1, 3, 8, 8))
     callback.on_validation_epoch_start(trainer, module)
     callback.on_fit_end(trainer, module)
-    assert module.calibrated_on == []  # nothing trained yet: e.g. validating a loaded checkpoint
+    assert calibrations == []  # nothing trained yet: e.g. validating a loaded checkpoint
     callback.on_train_batch_end(trainer, module, None, None, 0)
     callback.on_validation_epoch_start(trainer, module)
-    assert [[tuple(b.shape) for b in batches] for batches in module.calibrated_on] == [[(2, 3, 8, 8), (1, 3, 8, 8)]]
+    assert calibrations == [(module.model, [(2, 3, 8, 8), (1, 3, 8, 8)], None)]  # the torch model, one process
     callback.on_fit_end(trainer, module)  # validation already saw these decoders
-    assert len(module.calibrated_on) == 1
+    assert len(calibrations) == 1
     callback.on_train_batch_end(trainer, module, None, None, 1)
     callback.on_fit_end(trainer, module)  # training ended without a validation after it
-    assert len(module.calibrated_on) == 2
+    assert len(calibrations) == 2
+
+
+def test_with_several_processes_the_statistics_merge_through_the_trainers_strategy(calibrations):
+    reduced = []
+
+    def reduce(values, reduce_op):
+        reduced.append(reduce_op)
+        return values * 2 if reduce_op == "sum" else values
+
+    strategy = SimpleNamespace(reduce=reduce, root_device=torch.device("cpu"))
+    callback, module = CalibrationCallback(), RecordingModule()
+    callback.on_train_batch_end(None, module, None, None, 0)
+    callback.on_fit_end(_trainer((1, 3, 8, 8), world_size=2, strategy=strategy), module)
+    ((_, _, merge),) = calibrations
+    statistics = LayerStatistics(1)
+    statistics.update([torch.ones(1, 2, 2)])
+    merge(statistics)
+    assert reduced == ["max", "sum", "sum", "sum", "sum"]  # maximum, totals, squares, peaks, counts
+    assert statistics.count.tolist() == [2.0]  # two processes' images
 
 
 def test_training_images_are_pre_processed_like_training():

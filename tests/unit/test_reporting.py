@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from anomalib_cflow_plus.reporting import (
     BatchLoss,
-    ImageScore,
+    ScoredImage,
     TrainingReportCallback,
     batch_image_scores,
     batch_size_of,
@@ -88,11 +88,11 @@ def test_batch_image_scores_pairs_scores_with_labels_and_paths():
 
 def test_unique_images_drops_repeated_paths_keeps_pathless():
     scores = [
-        ImageScore(image_path="a", gt_label=0, pred_score=0.1),
-        ImageScore(image_path="b", gt_label=1, pred_score=0.9),
-        ImageScore(image_path="a", gt_label=0, pred_score=0.1),
-        ImageScore(image_path=None, gt_label=0, pred_score=0.2),
-        ImageScore(image_path=None, gt_label=0, pred_score=0.2),
+        ScoredImage(image_path="a", gt_label=0, pred_score=0.1),
+        ScoredImage(image_path="b", gt_label=1, pred_score=0.9),
+        ScoredImage(image_path="a", gt_label=0, pred_score=0.1),
+        ScoredImage(image_path=None, gt_label=0, pred_score=0.2),
+        ScoredImage(image_path=None, gt_label=0, pred_score=0.2),
     ]
     assert [s["image_path"] for s in unique_images(scores)] == ["a", "b", None, None]
 
@@ -113,7 +113,7 @@ def test_image_threshold_follows_the_post_processor():
 def test_plots_are_valid_pngs(tmp_path):
     history = [BatchLoss(batch=i + 1, epoch=i // 4, loss=1.0 / (i + 1), batch_size=2) for i in range(12)]
     assert_valid_png(plot_training_loss(history, tmp_path / "loss.png"))
-    scores = [ImageScore(image_path=str(i), gt_label=i % 2, pred_score=0.1 * i) for i in range(10)]
+    scores = [ScoredImage(image_path=str(i), gt_label=i % 2, pred_score=0.1 * i) for i in range(10)]
     assert_valid_png(plot_score_histogram(scores, 0.5, "normalized", tmp_path / "scores.png"))
     assert_valid_png(plot_score_histogram(scores[:1], None, "raw", tmp_path / "one_score.png"))
 
@@ -244,7 +244,7 @@ def distributed_worker(rank: int, port: int, root: str) -> None:
         report = TrainingReportCallback(output_dir=Path(root) / f"rank{rank}")
         # a distributed sampler gives rank 1 a repeat of rank 0's first image to even out the shares
         paths = ["good/0.png", "bad/1.png"] if rank == 0 else ["good/2.png", "good/0.png"]
-        report.image_scores = [ImageScore(image_path=p, gt_label=int("bad" in p), pred_score=0.1) for p in paths]
+        report.image_scores = [ScoredImage(image_path=p, gt_label=int("bad" in p), pred_score=0.1) for p in paths]
         trainer = SimpleNamespace(is_global_zero=rank == 0, default_root_dir=root)
         report.on_test_epoch_end(trainer, SimpleNamespace(post_processor=PostProcessor()))
     finally:

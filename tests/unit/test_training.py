@@ -6,15 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from anomalib_cflow_plus.training import fiber_plan, warmup_cosine_schedule
+from anomalib_cflow_plus.torch_model import CflowPlusModel
+from anomalib_cflow_plus.training import TRAINING_RECIPES, DecoderTraining, fiber_plan, warmup_cosine_schedule
 
 
 def _decoders_per_optimizer_step(recipe: str) -> list[list[int]]:
-    """Run one training step of a small CflowPlus; return, for each optimizer step, the decoders it updated."""
-    from anomalib_cflow_plus import CflowPlus
-
-    model = CflowPlus(backbone="efficientnet_lite0", coupling_blocks=1, training_recipe=recipe, fiber_batch_size=32)
-    decoders = model.model.decoders
+    """Train a small model on one batch; return, for each optimizer step, the decoders it updated."""
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1)
+    decoders = model.decoders
     updated: list[list[int]] = []
 
     def zero_grad(set_to_none: bool = True) -> None:
@@ -25,14 +24,10 @@ def _decoders_per_optimizer_step(recipe: str) -> list[list[int]]:
     def step() -> None:
         updated.append([i for i, d in enumerate(decoders) if any(p.grad is not None for p in d.parameters())])
 
-    model.optimizers = lambda: SimpleNamespace(zero_grad=zero_grad, step=step)
-    model.lr_schedulers = lambda: SimpleNamespace(step=lambda: None)
-    model.manual_backward = lambda loss: loss.backward()
-    model.log = lambda *args, **kwargs: None
-    # one process, 32-bit: no DDP wrapper, no gradient scaler
-    model._trainer = SimpleNamespace(world_size=1, model=None, precision_plugin=SimpleNamespace())
+    training = DecoderTraining(model, 32, TRAINING_RECIPES[recipe].joint_layers, max_skipped_steps=1)
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # 2 x (8x8, 4x4, 2x2) fibers
-    model.training_step(SimpleNamespace(image=images), 0)
+    loss = training(images, SimpleNamespace(zero_grad=zero_grad, step=step))
+    assert bool(torch.isfinite(loss)) and training.skipped_steps == 0
     return updated
 
 
@@ -106,3 +101,43 @@ def test_resize_size_is_fixed_only_for_a_height_and_width():
     assert resize_size(pre_processor(Resize(256))) is None
     assert resize_size(pre_processor(Resize([256]))) is None
     assert resize_size(PreProcessor(transform=Normalize(mean=[0.5] * 3, std=[0.2] * 3))) is None
+
+
+class _Optimizer:
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        del set_to_none
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def _nan_backward(loss: torch.Tensor) -> None:
+    """A backward pass whose gradients overflow, as under 16-mixed with too large a loss scale."""
+    loss.backward()
+    for parameter in _nan_backward.parameters:
+        if parameter.grad is not None:
+            parameter.grad.fill_(float("inf"))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_non_finite_step_is_skipped_and_a_gradient_scaler_still_gets_it(scaled: bool) -> None:
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1)
+    _nan_backward.parameters = list(model.decoders.parameters())
+    training = DecoderTraining(model, 64, joint_layers=True, max_skipped_steps=100)
+    optimizer = _Optimizer()
+    loss = training(torch.rand(1, 3, 64, 64), optimizer, backward=_nan_backward, scaled=scaled)
+    steps = training.skipped_steps
+    assert steps >= 1 and bool(torch.isnan(loss))  # every step skipped: no finite loss to report
+    # A GradScaler skips a non-finite step itself and lowers its scale: it must be handed every step.
+    assert optimizer.steps == (steps if scaled else 0)
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_training() -> None:
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1)
+    _nan_backward.parameters = list(model.decoders.parameters())
+    training = DecoderTraining(model, 16, joint_layers=False, max_skipped_steps=2)
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row had a non-finite loss or gradient"):
+        training(torch.rand(1, 3, 64, 64), _Optimizer(), backward=_nan_backward)

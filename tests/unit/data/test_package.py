@@ -8,7 +8,7 @@ def test_the_model_does_not_import_the_demo_generator():
     import sys
 
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import anomalib_cflow_plus; "
+        "import sys; sys.path.insert(0, sys.argv[1]); from anomalib_cflow_plus import CflowPlus; "
         "print('anomalib_cflow_plus.data' in sys.modules, 'anomalib_cflow_plus.data.demo' in sys.modules)"
     )
     repo = str(Path(__file__).resolve().parents[3])
