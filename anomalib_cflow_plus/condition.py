@@ -13,7 +13,12 @@ __all__ = ["GridCondition", "check_condition_dim", "grid_condition", "positional
 
 
 def check_condition_dim(condition_dim: int) -> None:
-    """Raise a ``ValueError`` unless ``condition_dim`` is a positive multiple of 4 (sin/cos for rows and columns)."""
+    """Check that ``condition_dim`` is a positive multiple of 4 (sin/cos for rows and columns).
+
+    Raises:
+        ConfigurationError: Otherwise.
+
+    """
     if condition_dim <= 0 or condition_dim % 4:
         msg = f"condition_vector must be a positive multiple of 4, got {condition_dim}."
         raise ConfigurationError(msg)

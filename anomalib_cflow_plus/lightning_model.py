@@ -106,6 +106,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         evaluator (Evaluator | bool): ``True`` for image/pixel AUROC and F1 plus AUPRO. Defaults to ``True``.
         visualizer (Visualizer | bool): ``True`` for anomalib's default. Defaults to ``True``.
 
+    Raises:
+        ConfigurationError: On an argument that cannot work, naming it and what would.
+
     Example:
         >>> from anomalib.data import MVTecAD
         >>> from anomalib.engine import Engine
@@ -267,11 +270,9 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         return {"loss": loss}
 
     def _no_gradient_sync(self) -> contextlib.AbstractContextManager:
-        """Keep DDP's reducer out of the backward passes: the training step averages gradients itself.
+        """Keep DDP's reducer, which expects one backward per forward, out of a step's several backward passes.
 
-        DDP's reducer expects one backward over all parameters per forward; a training step here makes several
-        backward passes, each over some decoders only. (Lightning's own switch, ``_block_parallel_sync_behavior``,
-        is private.)
+        The training step averages gradients itself (Lightning's own switch for this is private).
         """
         wrapper = self._trainer.model if self._trainer is not None else None
         return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()

@@ -93,6 +93,9 @@ class CflowPlusPostProcessor(PostProcessor):
         **kwargs: anomalib's :class:`~anomalib.post_processing.PostProcessor` arguments (normalization,
             sensitivities, ...).
 
+    Raises:
+        ConfigurationError: On an unknown ``threshold`` or a ``normal_fpr`` outside ``(0, 1)``.
+
     Example:
         >>> from anomalib_cflow_plus import CflowPlus, CflowPlusPostProcessor
         >>> model = CflowPlus(post_processor=CflowPlusPostProcessor(threshold="normal", normal_fpr=0.05))

@@ -113,6 +113,9 @@ class CflowPlusModel(nn.Module):
             on positions within the tile, and stitches the log-likelihood maps. ``benchmarks/README.md``
             (tiling) has the measurement that chose the default. Defaults to ``"image"``.
 
+    Raises:
+        ConfigurationError: On an unknown backbone or layer, or an option that cannot work, naming what would.
+
     Attributes:
         tiler: anomalib's :class:`~anomalib.data.utils.tiler.Tiler`, or ``None`` (no tiling). Its tile size and
             stride must be multiples of the encoder's largest stride, so that tiles' feature maps line up.
@@ -302,6 +305,10 @@ class CflowPlusModel(nn.Module):
         """Load the encoder's ImageNet weights: from ``weights`` (a local file), a weight package or the timm hub.
 
         See :func:`~.backbones.resolve_state_dict` for where they come from, offline first.
+
+        Raises:
+            BackboneWeightsError: When no weights can be found or loaded, saying how to provide them.
+
         """
         state_dict = resolve_state_dict(self.backbone, weights)
         load_encoder_weights(self.feature_encoder, state_dict, self.backbone)

@@ -239,10 +239,12 @@ def _samples(dataset: Dataset) -> Any:
 
 # ---------------------------------------------------------- training set
 def check_training_set(datamodule: Any) -> None:
-    """Raise :class:`EmptyTrainingSetError` when the datamodule's training set has no image.
+    """Check that the datamodule's training set has an image; datamodules without ``train_data`` are not checked.
 
-    The message names the dataset, its category and what the folders it looked in hold.
-    Datamodules without a ``train_data`` dataset are not checked.
+    Raises:
+        EmptyTrainingSetError: When it has none; the message names the dataset, its category and what the folders
+            it looked in hold.
+
     """
     dataset = getattr(datamodule, "train_data", None)
     if dataset is None or len(dataset) > 0:

@@ -35,10 +35,14 @@ class MaskMismatchError(CflowPlusError, ValueError):
 
 
 def check_masks(datamodule: Any) -> None:
-    """Raise :class:`MaskMismatchError` when anomalib could not pair a datamodule's defect images with its masks.
+    """Check that anomalib can pair a datamodule's defect images with its masks.
 
     Understands anomalib's ``MVTecAD`` (``test/<defect>/*.png`` with ``ground_truth/<defect>/*.png``) and
     ``Folder`` (``abnormal_dir`` with ``mask_dir``); other datamodules are not checked.
+
+    Raises:
+        MaskMismatchError: Listing the images without a mask and the masks without an image.
+
     """
     pairs = _defect_images_and_masks(datamodule)
     if pairs is None:
