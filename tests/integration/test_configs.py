@@ -141,11 +141,19 @@ def test_config_parses_and_builds_its_model(path: Path, tmp_path: Path):
     assert datamodule.category == want.category
 
 
+def calibrated(model, image_size: tuple[int, int]):
+    """The model calibrated on two random images of ``image_size``, pre-processed as the config says: it may score."""
+    from anomalib_cflow_plus.calibration import calibrate
+
+    calibrate(model.model, [model.pre_processor.transform(torch.rand(2, 3, *image_size))], torch.device("cpu"))
+    return model
+
+
 @pytest.mark.parametrize("category", ["transistor", "cable"])
 def test_config_resolution_reaches_the_anomaly_map(category: str, tmp_path: Path):
     """A real (not meta) model from a config scores an odd-sized image at the category's paper size."""
     cli = parse(CONFIG_DIR / "mvtec" / "efficientnet_lite0" / f"{category}.yaml", tmp_path)
-    model = cli.model.eval()
+    model = calibrated(cli.model.eval(), (200, 300))
     with torch.no_grad():
         output = model(torch.rand(1, 3, 200, 300))
     size = PAPER_IMAGE_SIZE[category]
@@ -157,7 +165,7 @@ def test_long_parts_config_keeps_the_aspect_ratio(tmp_path: Path):
     from anomalib_cflow_plus import CflowPlusPostProcessor
 
     cli = parse(CONFIG_DIR / "folder_long_parts.yaml", tmp_path)
-    model = cli.model.eval()
+    model = calibrated(cli.model.eval(), (410, 1024))
     assert isinstance(model.post_processor, CflowPlusPostProcessor)
     assert (model.post_processor.threshold, model.post_processor.normal_fpr) == ("auto", 0.01)
     with torch.no_grad():

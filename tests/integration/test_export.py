@@ -22,6 +22,7 @@ from anomalib.deploy import CompressionType, ExportType, OpenVINOInferencer, Tor
 from anomalib.metrics import AUPRO, AUROC, F1Score
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_cflow_plus.calibration import calibrate
 from anomalib_cflow_plus.quantization import decoder_weights, fp32_tail_names, graph_regions
 
 from ..helpers import tiny_datamodule
@@ -285,6 +286,7 @@ def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> 
     encoder_linears = sum(isinstance(module, nn.Linear) for module in model.model.encoder.modules())
     flow_linears = sum(isinstance(module, nn.Linear) for module in model.model.decoders.modules())
     assert encoder_linears > 0
+    calibrate(model.model, [model.pre_processor.transform(torch.rand(2, 3, 64, 64))], torch.device("cpu"))
     exported = ov.Core().read_model(model.to_openvino(export_root=tmp_path, input_size=(64, 64)))
     types = {op.get_friendly_name(): op.get_type_name() for op in exported.get_ops()}
     regions = graph_regions(exported, decoder_weights(model.model.decoders))
@@ -301,7 +303,6 @@ def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> 
 def test_a_position_calibrated_image_score_exports_like_torch(tmp_path: Path) -> None:
     """The per-position statistics are buffers: OpenVINO scores an image as torch does (f32), maps included."""
     from anomalib_cflow_plus import CflowPlus
-    from anomalib_cflow_plus.calibration import calibrate
 
     torch.manual_seed(0)
     model = CflowPlus(
