@@ -281,7 +281,7 @@ def test_int8_regions_hold_for_an_encoder_with_linear_layers(tmp_path: Path) -> 
 
     model = CflowPlus(
         backbone="test_convnext", pre_trained=False, coupling_blocks=1, condition_vector=16,
-        pre_processor=CflowPlus.configure_pre_processor((64, 64)), visualizer=False,
+        pre_processor=CflowPlus.configure_pre_processor((64, 64)), visualizer=False, image_calibration="layer",
     )  # fmt: skip
     encoder_linears = sum(isinstance(module, nn.Linear) for module in model.model.encoder.modules())
     flow_linears = sum(isinstance(module, nn.Linear) for module in model.model.decoders.modules())
