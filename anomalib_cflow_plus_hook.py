@@ -20,14 +20,13 @@ PLUGIN_MODULE = "anomalib_cflow_plus"
 MODELS_MODULE = "anomalib.models"
 CLI_MODULE = "anomalib.cli.cli"
 PENDING = {MODELS_MODULE, CLI_MODULE}  # what the finder still waits for
-_plugin_loading = [0, False]  # plugin modules being executed now; a registration waits for them
+_loading_plugin_modules = [0]  # how many plugin modules are being executed now; a registration waits for them
 
 
 def register() -> None:
     """Import the plugin's Lightning module (which registers ``CflowPlus``), unless plugin modules are loading."""
-    if _plugin_loading[0]:
-        _plugin_loading[1] = True  # registered when they are done
-        return
+    if _loading_plugin_modules[0]:
+        return  # registered when they are done (anomalib.models stays pending until then)
     PENDING.discard(MODELS_MODULE)
     __import__(f"{PLUGIN_MODULE}.lightning_model")
 
@@ -42,9 +41,8 @@ def report_cli_errors() -> None:
 
 
 def _after_plugin_module() -> None:
-    _plugin_loading[0] -= 1
-    if not _plugin_loading[0] and _plugin_loading[1]:
-        _plugin_loading[1] = False
+    _loading_plugin_modules[0] -= 1
+    if not _loading_plugin_modules[0] and MODELS_MODULE in PENDING and MODELS_MODULE in sys.modules:
         register()
 
 
@@ -73,7 +71,7 @@ class AnomalibModelsFinder:
 
         def exec_with_hooks(module: object) -> None:
             if plugin:
-                _plugin_loading[0] += 1
+                _loading_plugin_modules[0] += 1
                 try:
                     exec_module(module)
                 finally:

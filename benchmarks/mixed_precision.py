@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     datamodule = demo_datamodule(data_root, args.texture, num_workers=0)
     datamodule.setup("fit")
     images = next(iter(datamodule.train_dataloader())).image
-    profiles = {precision: step_profile(precision, CflowPlus().pre_processor(images)) for precision in PRECISIONS}
+    images = CflowPlus.configure_pre_processor()(images)  # the default pre-processing: resize to 256, normalize
+    profiles = {precision: step_profile(precision, images) for precision in PRECISIONS}
     write_json(args.json, {"environment": environment(), "epoch_s": epochs, "speedup": ratio, "profiles": profiles})
     print(markdown(epochs, ratio, profiles))
     print(f"\nwrote {args.json}")

@@ -344,12 +344,6 @@ def datamodule(context: Context, train_batch_size: int | None = None):
     )  # fmt: skip
 
 
-def skipped_steps(model) -> int:
-    """Count a CflowPlus fit's skipped optimizer steps (kept by its decoder training, or by the module itself)."""
-    holder = getattr(model, "decoder_training", model)
-    return int(holder.skipped_steps)
-
-
 def fit_and_test(context: Context, precision: str) -> dict[str, Any]:
     """Seeded fit and test at ``precision``; keep the model, engine, metrics and normalized test scores."""
     import torch
@@ -374,7 +368,7 @@ def fit_and_test(context: Context, precision: str) -> dict[str, Any]:
     batches = engine.predict(model, datamodule=data, return_predictions=True)
     scores = torch.cat([batch.pred_score.detach().float().flatten().cpu() for batch in batches])
     context.runs[precision] = {"model": model, "engine": engine, "metrics": metrics, "scores": scores}
-    skipped = skipped_steps(model)
+    skipped = model.decoder_training.skipped_steps
     decoders_finite = all(bool(torch.isfinite(p).all()) for p in model.model.decoders.parameters())
     float32 = all(p.dtype == torch.float32 for p in model.model.parameters())
     auroc = metrics.get("image_AUROC", math.nan)
