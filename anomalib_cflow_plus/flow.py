@@ -8,6 +8,7 @@ per-dimension log-likelihood used both as training objective and as anomaly evid
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,7 +61,7 @@ def permute_channels(x: torch.Tensor, permutation: torch.Tensor, inverse: torch.
 
 
 class ConditionalSubnet(nn.Module):
-    """Coupling subnet of the paper, ``Linear(fiber ++ condition -> 2*in) -> ReLU -> Linear(-> out)``.
+    """Coupling subnet of the paper, ``Linear(fiber ++ condition -> hidden) -> ReLU -> Linear(-> out)``.
 
     The first Linear is kept as two parts, ``fiber_in`` and ``condition_in`` (the same function as
     one Linear over the concatenation), so that a :class:`~.condition.GridCondition` is projected
@@ -71,12 +72,15 @@ class ConditionalSubnet(nn.Module):
         fiber_features: Channels of the passive half of the fibers.
         condition_features: ``P``.
         out_features: Channels produced (log-scale and shift of the active half).
+        hidden_ratio: The hidden width as a multiple of the paper's, ``2 * (fiber_features + condition_features)``.
 
     """
 
-    def __init__(self, fiber_features: int, condition_features: int, out_features: int) -> None:
+    def __init__(
+        self, fiber_features: int, condition_features: int, out_features: int, hidden_ratio: float = 1.0
+    ) -> None:
         super().__init__()
-        hidden = 2 * (fiber_features + condition_features)
+        hidden = max(1, round(hidden_ratio * 2 * (fiber_features + condition_features)))
         self.fiber_in = nn.Linear(fiber_features, hidden)
         self.condition_in = nn.Linear(condition_features, hidden, bias=False)
         self.out = nn.Linear(hidden, out_features)
@@ -263,6 +267,7 @@ def build_decoder(
     coupling_blocks: int = 8,
     clamp_alpha: float = 1.9,
     seed: int = 0,
+    hidden_ratio: float = 1.0,
 ) -> SequenceINN:
     """Build one layer's decoder: an ActNorm followed by ``coupling_blocks`` conditional couplings.
 
@@ -272,6 +277,7 @@ def build_decoder(
         coupling_blocks: Number of coupling blocks ``K``.
         clamp_alpha: Soft-clamp bound of each coupling's log-scale.
         seed: Seed from which the blocks' permutations are drawn.
+        hidden_ratio: Hidden width of the coupling subnets, as a multiple of the paper's (:class:`ConditionalSubnet`).
 
     Returns:
         A FrEIA ``SequenceINN``: ``decoder(x (..., C), c=[condition]) -> (z (..., C), log_det (...))``,
@@ -286,6 +292,7 @@ def build_decoder(
             cond=0,
             cond_shape=(condition_dim,),
             clamp_alpha=clamp_alpha,
+            subnet_constructor=functools.partial(ConditionalSubnet, hidden_ratio=hidden_ratio),
             permutation_seed=seed * 1009 + block,
         )
     return decoder

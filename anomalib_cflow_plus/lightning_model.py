@@ -72,6 +72,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             ``None``.
         condition_vector (int): ``P``, the positional-encoding dimension, a multiple of 4. Defaults to ``128``.
         coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
+        hidden_ratio (float): Hidden width of the coupling subnets as a multiple of the paper's, ``2 * (C/2 + P)``
+            for ``C`` channels. Defaults to ``1.0``.
         clamp_alpha (float): Soft clamp of the couplings' log-scale. Defaults to ``1.9``.
         training_recipe (str): ``"fast"``: every optimizer step trains all decoders at once, on large
             sub-batches; ``"paper"``: one step per sub-batch of ``N`` fibers, layer after layer (the paper's).
@@ -127,6 +129,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         weights: str | None = None,
         condition_vector: int = 128,
         coupling_blocks: int = 8,
+        hidden_ratio: float = 1.0,
         clamp_alpha: float = 1.9,
         training_recipe: TrainingRecipe = "fast",
         fiber_batch_size: int | None = None,
@@ -161,6 +164,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             layers=layers,
             condition_vector=condition_vector,
             coupling_blocks=coupling_blocks,
+            hidden_ratio=hidden_ratio,
             clamp_alpha=clamp_alpha,
             sigma=sigma,
             top_k_percent=top_k_percent,

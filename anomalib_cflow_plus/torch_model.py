@@ -95,6 +95,8 @@ class CflowPlusModel(nn.Module):
             default (:func:`resolve_layers`). Defaults to ``None``.
         condition_vector (int): ``P``, the positional-encoding dimension (a multiple of 4). Defaults to ``128``.
         coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
+        hidden_ratio (float): Hidden width of the coupling subnets as a multiple of the paper's, ``2 * (C/2 + P)``.
+            Defaults to ``1.0``.
         clamp_alpha (float): Soft-clamp bound of the couplings' log-scale. Defaults to ``1.9``.
         sigma (float): Gaussian smoothing of the anomaly map, in pixels. Defaults to ``4.0``.
         top_k_percent (float): Share of map pixels averaged into the map's image score (0: the max). Defaults
@@ -137,6 +139,7 @@ class CflowPlusModel(nn.Module):
         layers: Sequence[str] | None = None,
         condition_vector: int = 128,
         coupling_blocks: int = 8,
+        hidden_ratio: float = 1.0,
         clamp_alpha: float = 1.9,
         sigma: float = 4.0,
         top_k_percent: float = 0.0,
@@ -159,6 +162,9 @@ class CflowPlusModel(nn.Module):
         if clamp_alpha <= 0:
             msg = f"clamp_alpha must be > 0, got {clamp_alpha}."
             raise ConfigurationError(msg)
+        if not 0 < hidden_ratio <= 16:
+            msg = f"hidden_ratio must be in (0, 16], got {hidden_ratio}."
+            raise ConfigurationError(msg)
         self.backbone = backbone
         levels = feature_levels(backbone)
         self.layers = resolve_layers(backbone, layers, levels)
@@ -172,6 +178,7 @@ class CflowPlusModel(nn.Module):
         self.encoder.to(memory_format=torch.channels_last)
         self.encoder.requires_grad_(False)  # frozen: only the decoders learn
         self.coupling_blocks = coupling_blocks
+        self.hidden_ratio = hidden_ratio
         self.clamp_alpha = clamp_alpha
         self.decoders = self._build_decoders()
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
@@ -181,7 +188,9 @@ class CflowPlusModel(nn.Module):
 
     def _build_decoders(self) -> nn.ModuleList:
         return nn.ModuleList(
-            build_decoder(channels, self.condition_vector, self.coupling_blocks, self.clamp_alpha, seed=index)
+            build_decoder(
+                channels, self.condition_vector, self.coupling_blocks, self.clamp_alpha, index, self.hidden_ratio
+            )
             for index, channels in enumerate(self.encoder.out_dims)
         )
 
