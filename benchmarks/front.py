@@ -9,11 +9,15 @@ defaults and with CflowPlus's encoder (``deploy_speed.py``'s models), in one rou
 
 Usage::
 
-    python -m benchmarks.front                                   # train what is missing, time, table and plot
-    python -m benchmarks.front --settings default K4 --seeds 0   # a subset
-    python -m benchmarks.front --report benchmarks/out/front.json
+    python -m benchmarks.real_data --models Cflow Patchcore Fastflow Padim --datasets metal_plate screw tire
+    python -m benchmarks.front                                   # train what is missing, time, report
+    python -m benchmarks.front train --settings K4 --seeds 1 2   # more seeds for some settings
+    python -m benchmarks.front time                              # only the latency
+    python -m benchmarks.front report                            # table, the default's rule and the plot
 
-Writes ``benchmarks/out/front.json`` and ``benchmarks/figures/front.png`` and prints the markdown table.
+The peers' accuracy comes from ``real_data.py``'s JSON (``--peers``), the same jobs on the same encoder. Writes
+``benchmarks/out/front_accuracy.json`` (every training, merged over runs), ``front_latency.json``, ``front.json``
+(the summary, the front and the default's rule) and ``benchmarks/figures/front.png``; prints markdown tables.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,14 @@ from benchmarks.harness import (
 from benchmarks.jobs import REPO_ROOT
 
 FIGURE = REPO_ROOT / "benchmarks" / "figures" / "front.png"
+ACCURACY_JSON = OUT_DIR / "front_accuracy.json"
+LATENCY_JSON = OUT_DIR / "front_latency.json"
+REPORT_JSON = OUT_DIR / "front.json"
+IMAGE_AUROC_MARGIN = 0.005  # the default is the fastest setting this close to the best mean image AUROC
+CATEGORY_MARGIN = 0.01  # ... that loses no more than this on any category against today's default
+# real_data.py's peer names -> the names in this study (the peers are built on lite1, as the settings are)
+PEER_NAMES = {"Cflow": "Cflow", "Patchcore": "PatchCore", "Fastflow": "FastFlow", "Padim": "PaDiM"}
+PEERS = tuple(PEER_NAMES)
 LITE1_LEVELS = {4: "blocks.1", 8: "blocks.2", 16: "blocks.4", 32: "blocks.6"}
 
 # name -> (CflowPlus arguments over its defaults, input size). "default" is CflowPlus as it ships.
@@ -120,36 +131,181 @@ def accuracy_table(summary: dict[str, Any], datasets: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT)
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--fresh", action="store_true")
-    parser.add_argument("--json", type=Path, default=OUT_DIR / "front.json")
-    args = parser.parse_args(argv)
-    datasets = real_categories(args.data_root)
-    start = time.perf_counter()
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names on the front: no other point is both faster (lower x) and more accurate (higher y)."""
+    return [
+        name
+        for name, (x, y) in points.items()
+        if not any(ox <= x and oy >= y and (ox, oy) != (x, y) for other, (ox, oy) in points.items() if other != name)
+    ]
+
+
+def choose_default(accuracy: dict[str, Any], latency_ms: dict[str, float], datasets: Sequence[str]) -> dict[str, Any]:
+    """The issue's rule: the fastest setting within ``IMAGE_AUROC_MARGIN`` of the best mean image AUROC whose every
+    category is within ``CATEGORY_MARGIN`` of today's default's; settings and their reasons, fastest first."""
+    means = {
+        name: entry["image_auroc"]["mean"]["mean"] for name, entry in accuracy.items() if "mean" in entry["image_auroc"]
+    }
+    best = max(means.values())
+    reference = accuracy["default"]["image_auroc"]
+    verdicts = []
+    for name in sorted((n for n in means if n in latency_ms), key=latency_ms.get):
+        reasons = []
+        if means[name] < best - IMAGE_AUROC_MARGIN:
+            reasons.append(f"mean {means[name]:.3f} < best {best:.3f} - {IMAGE_AUROC_MARGIN}")
+        for dataset in datasets:
+            drop = reference[dataset]["mean"] - accuracy[name]["image_auroc"][dataset]["mean"]
+            if drop > CATEGORY_MARGIN:
+                reasons.append(f"{dataset} -{drop:.3f}")
+        verdicts.append({"setting": name, "ms": latency_ms[name], "mean": means[name], "fails": reasons})
+    chosen = next((v["setting"] for v in verdicts if not v["fails"]), None)
+    return {"chosen": chosen, "best_mean": best, "verdicts": verdicts}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Mean image AUROC and AUPRO against OpenVINO latency: settings, their front, and the peers."""
+    import matplotlib  # only the report needs it
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    latency = report["latency_ms"]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for axis, metric, label in zip(axes, ("image_auroc", "aupro"), ("mean image AUROC", "mean AUPRO"), strict=True):
+        for group, marker, colour in (("settings", "o", "tab:blue"), ("peers", "s", "tab:red")):
+            for name, entry in report[group].items():
+                if name not in latency or "mean" not in entry[metric]:
+                    continue
+                value = entry[metric]["mean"]
+                axis.errorbar(
+                    latency[name], value["mean"], yerr=value.get("std", 0.0), fmt=marker, color=colour, capsize=3
+                )
+                axis.annotate(
+                    name, (latency[name], value["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+                )
+        front = sorted(report["front"][metric], key=latency.get)
+        axis.plot(
+            [latency[n] for n in front],
+            [report["settings"][n][metric]["mean"]["mean"] for n in front],
+            "--",
+            color="tab:blue",
+            alpha=0.5,
+        )
+        axis.set_xscale("log")
+        axis.set_xlabel("OpenVINO default precision, batch 1, ms per image (log)")
+        axis.set_ylabel(f"{label} over {', '.join(report['datasets'])}")
+        axis.grid(alpha=0.3)
+    axes[0].set_title("CflowPlus settings (blue; dashed: the front) and peers on lite1 (red)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def train(args: argparse.Namespace, datasets: Sequence[str]) -> list[dict[str, Any]]:
+    """Every (seed, setting, category) job, trained or reused from the cache; their results."""
     results = []
     for seed in args.seeds:
         for setting in args.settings:
             for dataset in datasets:
                 spec = accuracy_spec(setting, dataset, seed, args)
                 results.append({"setting": setting, **real_data_job(spec, args.fresh)})
-    summary = summarize_accuracy(results, datasets)
-    report = {
-        "datasets": datasets,
-        "settings": {name: SETTINGS[name] for name in args.settings},
-        "wall_s": time.perf_counter() - start,
-        "results": results,
-        "accuracy": summary,
+    return results
+
+
+def time_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Export every setting (untrained) and the lite1 peers; time them side by side in OpenVINO, batch 1."""
+    from benchmarks import deploy_speed  # torch's export machinery: only for timing
+
+    by_size: dict[int, dict[str, Any]] = {}
+    for setting in args.settings:
+        kwargs, size = SETTINGS[setting]
+        by_size.setdefault(size, {})[setting] = lambda size, kwargs=kwargs: deploy_speed.cflow_plus(size, **kwargs)
+    by_size[256] |= {PEER_NAMES[peer]: deploy_speed.BUILDERS[f"{PEER_NAMES[peer]} (lite1)"] for peer in PEERS}
+    paths: dict[str, str] = {}
+    for size, builders in by_size.items():
+        exported, _ = deploy_speed.export_irs(builders, size, OUT_DIR / "front" / "ir", (1,), encoder=False)
+        paths |= exported
+    configs = [{"precision": "default", "batch": 1}, {"precision": "f32", "batch": 1}]
+    return deploy_speed.time_irs(paths, configs, args, "front_time", reference="default")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "train", "time", "report"])
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        default=OUT_DIR / "real_data.json",
+        help="real_data.py's JSON with the peers' results on lite1",
+    )
+    args = parser.parse_args(argv)
+    datasets = real_categories(args.data_root)
+    if args.command in ("all", "train"):
+        results = train(args, datasets)
+        previous = json.loads(ACCURACY_JSON.read_text())["results"] if ACCURACY_JSON.is_file() else []
+        keys = {(r["setting"], r["dataset"], r["seed"]) for r in results}
+        results += [r for r in previous if (r["setting"], r["dataset"], r["seed"]) not in keys]
+        ACCURACY_JSON.write_text(json.dumps({"datasets": datasets, "results": results}, indent=1))
+        print(accuracy_table(summarize_accuracy(results, datasets), datasets))
+    if args.command in ("all", "time"):
+        LATENCY_JSON.write_text(json.dumps(time_settings(args), indent=1))
+    if args.command in ("all", "report"):
+        report(args, datasets)
+
+
+def report(args: argparse.Namespace, datasets: Sequence[str]) -> None:
+    """Combine accuracy, latency and the peers into the table, the default's choice and the plot."""
+    results = [r for r in json.loads(ACCURACY_JSON.read_text())["results"] if "error" not in r]
+    settings = summarize_accuracy(results, datasets)
+    timing = json.loads(LATENCY_JSON.read_text())["results"]
+    latency = {name: entry["ms_per_image"] for name, entry in timing[0]["summary"].items()}
+    latency_f32 = {name: entry["ms_per_image"] for name, entry in timing[1]["summary"].items()}
+    peers: dict[str, Any] = {}
+    if args.peers.is_file():
+        peer_runs = json.loads(args.peers.read_text())["results"]
+        for peer, name in PEER_NAMES.items():
+            runs = [dict(r, setting=name) for r in peer_runs if r["model"] == peer and r["dataset"] in datasets]
+            runs = [r for r in runs if "error" not in r]
+            if {r["dataset"] for r in runs} == set(datasets):
+                peers |= summarize_accuracy(runs, datasets)
+    points = {
+        metric: {n: (latency[n], e[metric]["mean"]["mean"]) for n, e in settings.items() if n in latency}
+        for metric in ("image_auroc", "aupro")
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
-    print(accuracy_table(summary, datasets))
-    print(f"\nwrote {args.json}")
+    payload = {
+        "datasets": datasets,
+        "settings": settings,
+        "peers": peers,
+        "latency_ms": latency,
+        "latency_f32_ms": latency_f32,
+        "front": {metric: pareto(p) for metric, p in points.items()},
+        "default_rule": choose_default(settings, latency, datasets),
+    }
+    REPORT_JSON.write_text(json.dumps(payload, indent=1))
+    plot(payload, FIGURE)
+    print(accuracy_table({**settings, **peers}, datasets))
+    print("\n| setting | OpenVINO default, batch 1, ms | (x default) | OpenVINO f32, ms | on the image-AUROC front |")
+    print("|---|---|---|---|---|")
+    for name in sorted(latency, key=latency.get):
+        ratio = latency[name] / latency["default"]
+        front = "yes" if name in payload["front"]["image_auroc"] else ""
+        print(f"| {name} | {latency[name]:.1f} | {ratio:.2f} | {latency_f32[name]:.1f} | {front} |")
+    rule = payload["default_rule"]
+    print(f"\nthe rule picks: {rule['chosen']} (best mean image AUROC {rule['best_mean']:.3f})")
+    for verdict in rule["verdicts"]:
+        print(
+            f"  {verdict['setting']}: {verdict['ms']:.1f} ms, mean {verdict['mean']:.3f}; "
+            + ("; ".join(verdict["fails"]) or "passes")
+        )
+    print(f"\nwrote {REPORT_JSON} and {FIGURE}")
 
 
 if __name__ == "__main__":

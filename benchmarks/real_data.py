@@ -51,8 +51,8 @@ CFLOW_PLUS_PAPER = "CflowPlus paper"
 CFLOW_PLUS_LONG = "CflowPlus 8 epochs"
 CFLOW_PLUS_BF16 = "CflowPlus bf16-mixed"
 LONG_EPOCHS = 8
-PEERS = ("Cflow", "Patchcore", "Fastflow")
-# The first five run by default; the others on request (--models).
+PEERS = ("Cflow", "Patchcore", "Fastflow", "Padim")
+# The first six run by default; the others on request (--models).
 MODELS = (CFLOW_PLUS, CFLOW_PLUS_PAPER, *PEERS, CFLOW_PLUS_LONG, CFLOW_PLUS_BF16)
 # What each model is given beyond the shared settings; the table's notes say so.
 MODEL_NOTES: dict[str, str] = {
@@ -63,6 +63,7 @@ MODEL_NOTES: dict[str, str] = {
     "Cflow": "anomalib defaults (N=64, lr 1e-4), CflowPlus's default layers",
     "Patchcore": "1 epoch, coreset 10%, at most --patchcore-images training images",
     "Fastflow": "anomalib defaults, its last 3 feature levels",
+    "Padim": "anomalib defaults, strides 4/8/16, 100 random channels of 176",
 }
 
 
@@ -75,7 +76,7 @@ def job_spec(model: str, dataset: str, seed: int, args: argparse.Namespace) -> d
         "seed": seed,
         "backbone": args.backbone,
         "image_size": args.image_size,
-        "epochs": {"Patchcore": 1, CFLOW_PLUS_LONG: LONG_EPOCHS}.get(model, args.epochs),
+        "epochs": {"Patchcore": 1, "Padim": 1, CFLOW_PLUS_LONG: LONG_EPOCHS}.get(model, args.epochs),
         "threads": args.threads,
     }
     if model == "Patchcore":
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT)
     parser.add_argument("--datasets", nargs="+", default=None, help="default: every real category and demo texture")
-    parser.add_argument("--models", nargs="+", default=list(MODELS[:5]), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS[:6]), choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="CflowPlus's seeds")
     parser.add_argument("--peer-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--backbone", default="efficientnet_lite1")

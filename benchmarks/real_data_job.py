@@ -18,7 +18,7 @@ import timm
 import torch
 from anomalib.callbacks import TilerConfigurationCallback
 from anomalib.data import MVTecAD
-from anomalib.models import Cflow, Fastflow, Patchcore
+from anomalib.models import Cflow, Fastflow, Padim, Patchcore
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
@@ -31,6 +31,7 @@ from benchmarks.harness import cpu_engine, dataset_location, demo_datamodule, ex
 from benchmarks.jobs import peak_rss_mb, serve
 
 LATENCY_IMAGES = 20
+PADIM_FEATURES = 100  # anomalib's n_features for resnet18 (of 448 channels); lite1's three levels have 176
 
 
 def modules_at_strides(backbone: str, strides: tuple[int, ...]) -> list[str]:
@@ -43,7 +44,8 @@ def build_model(spec: dict[str, Any]) -> tuple[AnomalibModule, nn.Module, str]:
     """The model, its timm ``features_only`` encoder (to load weights into) and the layers it uses.
 
     Each peer keeps the feature levels it uses by default, by stride: Cflow ``layer2..4`` (strides
-    8/16/32), PatchCore ``layer2..3`` (8/16), FastFlow ``out_indices=[1, 2, 3]`` (4/8/16).
+    8/16/32), PatchCore ``layer2..3`` (8/16), FastFlow ``out_indices=[1, 2, 3]`` (4/8/16), PaDiM ``layer1..3``
+    (4/8/16, keeping ``PADIM_FEATURES`` of their channels at random, as anomalib does for resnet18).
     """
     backbone, size = spec["backbone"], spec["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -65,6 +67,10 @@ def build_model(spec: dict[str, Any]) -> tuple[AnomalibModule, nn.Module, str]:
     if name == "Patchcore":
         layers = modules_at_strides(backbone, (8, 16))
         model = Patchcore(backbone=backbone, layers=layers, pre_trained=False, **common)
+        return model, model.model.feature_extractor.feature_extractor, ",".join(layers)
+    if name == "Padim":
+        layers = modules_at_strides(backbone, (4, 8, 16))
+        model = Padim(backbone=backbone, layers=layers, n_features=PADIM_FEATURES, pre_trained=False, **common)
         return model, model.model.feature_extractor.feature_extractor, ",".join(layers)
     if name == "Fastflow":
         # FastFlow accepts only resnet18/wide_resnet50_2 by name, and builds its CNN branch (features_only,

@@ -35,6 +35,20 @@ def test_decoder_is_invertible():
     torch.testing.assert_close(log_det_rev, -log_det, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize(("hidden_ratio", "hidden"), [(0.5, 148), (1.0, 296), (2.0, 592)])
+def test_hidden_ratio_scales_the_subnets_hidden_width(hidden_ratio, hidden):
+    # 40 channels: a passive half of 20 and P=128, so the paper's width is 2 * (20 + 128) = 296.
+    decoder = build_decoder(40, 128, coupling_blocks=2, hidden_ratio=hidden_ratio).double()
+    _randomize(decoder)
+    for coupling in decoder[1:]:
+        assert coupling.subnet.fiber_in.out_features == coupling.subnet.condition_in.out_features == hidden
+        assert coupling.subnet.out.in_features == hidden
+    fibers, condition = torch.randn(16, 40, dtype=torch.float64), torch.randn(16, 128, dtype=torch.float64)
+    z, _ = decoder(fibers, c=[condition])
+    restored, _ = decoder(z, c=[condition], rev=True)
+    torch.testing.assert_close(restored, fibers, atol=1e-10, rtol=1e-10)
+
+
 def test_log_det_matches_autograd_jacobian():
     decoder = build_decoder(channels=6, condition_dim=4, coupling_blocks=3).double()
     _randomize(decoder, seed=1)

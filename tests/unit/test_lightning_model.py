@@ -23,6 +23,9 @@ def test_paper_defaults_are_constructor_arguments():
     model = CflowPlus(coupling_blocks=3, condition_vector=64)
     assert len(model.model.decoders[0]) == 1 + 3  # ActNorm + couplings
     assert model.hparams.coupling_blocks == 3
+    narrow = CflowPlus(hidden_ratio=0.5)
+    assert narrow.hparams.hidden_ratio == 0.5
+    assert narrow.model.decoders[0][1].subnet.out.in_features == round(0.5 * 2 * (40 // 2 + 128))  # lite1 blocks.2
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,7 @@ def test_unknown_backbone_without_close_names_says_what_works_offline():
     [
         ({"condition_vector": 126}, "multiple of 4"),
         ({"coupling_blocks": 0}, "coupling_blocks"),
+        ({"hidden_ratio": 0}, "hidden_ratio"),
         ({"tile_condition": "global"}, "tile_condition must be one of"),
     ],
 )
