@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.front import choose_default, pareto
+from benchmarks.front import choose_default, leave_one_out, pareto
 from benchmarks.ir_job import summarize_rounds
 
 DATASETS = ("screw", "tire")
@@ -32,7 +32,12 @@ def test_rule_takes_the_fastest_setting_near_the_best_that_loses_no_category():
     fails = {verdict["setting"]: verdict["fails"] for verdict in rule["verdicts"]}
     assert any("tire" in reason for reason in fails["cheap_loses_tire"])
     assert any("best" in reason for reason in fails["cheaper_far"])
-    assert [verdict["setting"] for verdict in rule["verdicts"]] == ["cheaper_far", "cheap_loses_tire", "near", "default"]
+    assert [verdict["setting"] for verdict in rule["verdicts"]] == [
+        "cheaper_far",
+        "cheap_loses_tire",
+        "near",
+        "default",
+    ]
 
 
 def test_rule_keeps_the_default_when_nothing_cheaper_qualifies():
@@ -48,3 +53,15 @@ def test_timing_summary_is_per_image_and_ratios_are_per_round():
     assert summary["peer"]["ms_per_image"] == pytest.approx(2.0)
     assert summary["peer"]["vs_reference"] == pytest.approx(2.0)
     assert summary["peer"]["vs_reference_q3"] >= 2.0
+
+
+def test_leave_one_out_chooses_on_the_other_categories_and_reports_the_held_out_one():
+    accuracy = {
+        "default": _accuracy({"screw": 0.80, "tire": 0.76}),
+        "fast": _accuracy({"screw": 0.80, "tire": 0.70}),  # as good on screw, loses tire
+    }
+    held_out = leave_one_out(accuracy, {"default": 20.0, "fast": 10.0}, DATASETS)
+    assert held_out["tire"]["chosen"] == "fast"  # chosen on screw alone
+    assert held_out["tire"]["image_auroc"] == pytest.approx(0.70)
+    assert held_out["tire"]["default"] == pytest.approx(0.76)
+    assert held_out["screw"]["chosen"] == "default"  # on tire alone, fast loses 0.06
