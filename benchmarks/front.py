@@ -213,8 +213,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             color="tab:blue",
             alpha=0.5,
         )
-        axis.set_xscale("log")
-        axis.set_xlabel("OpenVINO default precision, batch 1, ms per image (log)")
+        axis.set_xlabel("OpenVINO default precision, batch 1, ms per image")
         axis.set_ylabel(f"{label} over {', '.join(report['datasets'])}")
         axis.grid(alpha=0.3)
     axes[0].set_title("CflowPlus settings (blue; dashed: the front) and peers on lite1 (red)", fontsize=9)
