@@ -4,8 +4,8 @@ Every *setting* is CflowPlus with one or two arguments changed from its defaults
 subnets' ``hidden_ratio``, the layer set, the input size). Each is trained and tested on every real category of
 ``--data-root`` (``real_data_job``: anomalib's ``Engine``, 3 epochs, the packaged lite1 weights, one fresh
 process per job, results cached by spec) for ``--seeds``, and timed in OpenVINO (its default precision and
-``f32``, batch 1, untrained models: weights do not change latency) side by side with the peers at their own
-defaults and with CflowPlus's encoder (``deploy_speed.py``'s models), in one round-robin run.
+``f32``, batch 1, untrained models: weights do not change latency) side by side with the peers built on
+CflowPlus's encoder (``deploy_speed.py``'s "(lite1)" models), in one round-robin run.
 
 Usage::
 
@@ -241,8 +241,8 @@ def time_settings(args: argparse.Namespace) -> dict[str, Any]:
     for setting in args.settings:
         kwargs, size = SETTINGS[setting]
         by_size.setdefault(size, {})[setting] = lambda size, kwargs=kwargs: deploy_speed.cflow_plus(size, **kwargs)
-    by_size[256] |= {name: deploy_speed.BUILDERS[name] for name in PEER_NAMES.values()}
-    paths: dict[str, str] = {}
+    by_size.setdefault(256, {}).update({name: deploy_speed.BUILDERS[name] for name in PEER_NAMES.values()})
+    paths: dict[str, dict[str, str]] = {}
     for size, builders in by_size.items():
         exported, _ = deploy_speed.export_irs(builders, size, OUT_DIR / "front" / "ir", (1,), encoder=False)
         paths |= exported
