@@ -42,10 +42,11 @@ from anomalib.models import Cflow, EfficientAd, Fastflow, Padim, Patchcore
 from anomalib.models.components import AnomalibModule
 
 from anomalib_cflow_plus import CflowPlus
+from benchmarks.ir_job import with_batch
 from benchmarks.jobs import OUT_DIR, run_job
 from benchmarks.pair_models import prepare_for_inference
 from benchmarks.real_data_job import modules_at_strides
-from benchmarks.vs_cflow_jobs import EncoderFloor
+from benchmarks.vs_cflow_jobs import EncoderFloor, openvino_encoder_floor
 
 __all__ = ["BUILDERS", "ENCODER", "export_irs", "time_irs"]
 
@@ -135,12 +136,8 @@ def export_encoder_floor(size: int, export_dir: Path) -> Path:
     """Pre-processing and CflowPlus's encoder (channels-last, as CflowPlus runs it) as an IR with a dynamic batch."""
     model = CflowPlus(pre_trained=False, pre_processor=_pre_processor(CflowPlus, size))
     encoder = copy.deepcopy(model.model.encoder.feature_extractor).to(memory_format=torch.channels_last)
-    floor = EncoderFloor(model.pre_processor, encoder).eval()
-    converted = ov.convert_model(floor, example_input=torch.rand(1, 3, size, size), input=[-1, 3, size, size])
     export_dir.mkdir(parents=True, exist_ok=True)
-    path = export_dir / "encoder.xml"
-    ov.save_model(converted, path, compress_to_fp16=False)
-    return path
+    return openvino_encoder_floor(EncoderFloor(model.pre_processor, encoder), export_dir, size)
 
 
 def _export(model: AnomalibModule, export_dir: Path, size: int, batch: int | None) -> str:
@@ -155,11 +152,8 @@ def _export(model: AnomalibModule, export_dir: Path, size: int, batch: int | Non
 
 def _reshapes(path: str, batch: int) -> bool:
     """Whether an IR's input takes ``batch`` images (anomalib's PatchCore export fixes the batch it traced with)."""
-    model = ov.Core().read_model(path)
-    shape = model.inputs[0].get_partial_shape()
-    shape[0] = batch
     try:
-        model.reshape({model.inputs[0].get_any_name(): shape})
+        with_batch(ov.Core().read_model(path), batch)
     except RuntimeError:
         return False
     return True

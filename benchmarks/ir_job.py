@@ -21,9 +21,17 @@ import openvino as ov
 from benchmarks.jobs import peak_rss_since_reset_mb, serve
 from benchmarks.timing import round_robin_ms
 
-__all__ = ["compile_ir", "rss_job", "summarize_rounds", "time_job"]
+__all__ = ["compile_ir", "inference_precision", "rss_job", "summarize_rounds", "time_job", "with_batch"]
 
 F32, DEFAULT = "f32", "default"
+
+
+def with_batch(model: ov.Model, batch: int) -> ov.Model:
+    """Set ``model``'s input batch to ``batch``, in place; ``RuntimeError`` where the graph fixes it."""
+    shape = model.inputs[0].get_partial_shape()
+    shape[0] = batch
+    model.reshape({model.inputs[0].get_any_name(): shape})
+    return model
 
 
 def compile_ir(core: ov.Core, path: str, batch: int, threads: int, precision: str) -> ov.CompiledModel:
@@ -32,10 +40,7 @@ def compile_ir(core: ov.Core, path: str, batch: int, threads: int, precision: st
     The input's batch dimension is set to ``batch`` (every model gets the same treatment; an export that fixed it,
     as anomalib's PatchCore does, is reshaped like the others); its height and width stay as exported.
     """
-    model = core.read_model(path)
-    shape = model.inputs[0].get_partial_shape()
-    shape[0] = batch
-    model.reshape({model.inputs[0].get_any_name(): shape})
+    model = with_batch(core.read_model(path), batch)
     config = {"INFERENCE_NUM_THREADS": str(threads)}
     if precision == F32:
         config["INFERENCE_PRECISION_HINT"] = "f32"

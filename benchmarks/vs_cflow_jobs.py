@@ -29,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from torch import nn
 
 from benchmarks.harness import cpu_engine, demo_datamodule, extract_metrics, paired_ratio
+from benchmarks.ir_job import inference_precision
 from benchmarks.jobs import current_rss_mb, peak_rss_mb, peak_rss_since_reset_mb, reset_peak_rss, serve
 from benchmarks.pair_models import (
     SharedSettings,
@@ -194,9 +195,7 @@ def compile_openvino(path: Path, threads: int, f32: bool) -> tuple[Callable[[np.
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
     compiled = ov.Core().compile_model(path, "CPU", config)
-    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-    precision = hint.get_type_name() if isinstance(hint, ov.Type) else str(hint)
-    return (lambda images: compiled(images)), precision
+    return (lambda images: compiled(images)), inference_precision(compiled)
 
 
 def export_and_compile(
