@@ -74,6 +74,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
         hidden_ratio (float): Hidden width of the coupling subnets as a multiple of the paper's, ``2 * (C/2 + P)``
             for ``C`` channels. Defaults to ``1.0``.
+        neighbourhood (int): Side of the square neighbourhood of fibers averaged into each fiber before the flows
+            (odd; 1: each fiber alone). Defaults to ``1``.
         clamp_alpha (float): Soft clamp of the couplings' log-scale. Defaults to ``1.9``.
         training_recipe (str): ``"fast"``: every optimizer step trains all decoders at once, on large
             sub-batches; ``"paper"``: one step per sub-batch of ``N`` fibers, layer after layer (the paper's).
@@ -130,6 +132,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         condition_vector: int = 128,
         coupling_blocks: int = 8,
         hidden_ratio: float = 1.0,
+        neighbourhood: int = 1,
         clamp_alpha: float = 1.9,
         training_recipe: TrainingRecipe = "fast",
         fiber_batch_size: int | None = None,
@@ -165,6 +168,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             condition_vector=condition_vector,
             coupling_blocks=coupling_blocks,
             hidden_ratio=hidden_ratio,
+            neighbourhood=neighbourhood,
             clamp_alpha=clamp_alpha,
             sigma=sigma,
             top_k_percent=top_k_percent,

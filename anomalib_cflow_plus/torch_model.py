@@ -16,6 +16,7 @@ from anomalib.data import InferenceBatch
 from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 from anomalib.models.components.feature_extractors import TimmFeatureExtractor
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from .anomaly_map import IMAGE_CALIBRATIONS, AnomalyMapGenerator, ImageCalibration, ImageScore, ScoreMode
 from .backbones import load_encoder_weights, resolve_state_dict
@@ -97,6 +98,9 @@ class CflowPlusModel(nn.Module):
         coupling_blocks (int): ``K``, coupling blocks per decoder. Defaults to ``8``.
         hidden_ratio (float): Hidden width of the coupling subnets as a multiple of the paper's, ``2 * (C/2 + P)``.
             Defaults to ``1.0``.
+        neighbourhood (int): Side of the square neighbourhood of fibers averaged into each fiber before the flows
+            (odd; PatchCore's locally aware features): every decoder then models a fiber with its local context.
+            ``1`` models each fiber alone, as the paper does. Defaults to ``1``.
         clamp_alpha (float): Soft-clamp bound of the couplings' log-scale. Defaults to ``1.9``.
         sigma (float): Gaussian smoothing of the anomaly map, in pixels. Defaults to ``4.0``.
         top_k_percent (float): Share of map pixels averaged into the map's image score (0: the max). Defaults
@@ -140,6 +144,7 @@ class CflowPlusModel(nn.Module):
         condition_vector: int = 128,
         coupling_blocks: int = 8,
         hidden_ratio: float = 1.0,
+        neighbourhood: int = 1,
         clamp_alpha: float = 1.9,
         sigma: float = 4.0,
         top_k_percent: float = 0.0,
@@ -165,6 +170,9 @@ class CflowPlusModel(nn.Module):
         if not 0 < hidden_ratio <= 16:
             msg = f"hidden_ratio must be in (0, 16], got {hidden_ratio}."
             raise ConfigurationError(msg)
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            msg = f"neighbourhood must be an odd number >= 1 (1: each fiber alone, 3: 3x3 fibers), got {neighbourhood}."
+            raise ConfigurationError(msg)
         self.backbone = backbone
         levels = feature_levels(backbone)
         self.layers = resolve_layers(backbone, layers, levels)
@@ -179,6 +187,7 @@ class CflowPlusModel(nn.Module):
         self.encoder.requires_grad_(False)  # frozen: only the decoders learn
         self.coupling_blocks = coupling_blocks
         self.hidden_ratio = hidden_ratio
+        self.neighbourhood = neighbourhood
         self.clamp_alpha = clamp_alpha
         self.decoders = self._build_decoders()
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
@@ -240,11 +249,22 @@ class CflowPlusModel(nn.Module):
         """
         with float32_region(images):  # features are float32 under mixed precision too (see .precision)
             if self.tiler is None:
-                return list(self.encoder(images).values())
+                return [self.aggregate(layer_features) for layer_features in self.encoder(images).values()]
             features = list(self.encoder(self.tiler.tile(images)).values())
-        if self.tile_condition == "tile":
+        if self.tile_condition == "image":
+            features = [self.untile(layer_features) for layer_features in features]
+        return [self.aggregate(layer_features) for layer_features in features]
+
+    def aggregate(self, features: torch.Tensor) -> torch.Tensor:
+        """Average each fiber of ``(B, C, h, w)`` features with its ``neighbourhood x neighbourhood`` neighbours.
+
+        Padding is left out of the averages (``count_include_pad=False``), so a border fiber is the mean of the
+        fibers it has, not shrunk towards zero. Per image and per channel: nothing crosses the batch.
+        """
+        if self.neighbourhood == 1:
             return features
-        return [self.untile(layer_features) for layer_features in features]
+        padding = self.neighbourhood // 2
+        return F.avg_pool2d(features, self.neighbourhood, stride=1, padding=padding, count_include_pad=False)
 
     def untile(self, tiles: torch.Tensor) -> torch.Tensor:
         """Stitch per-tile maps ``(B * T, C, h_t, w_t)`` into the whole image's ``(B, C, h, w)``.

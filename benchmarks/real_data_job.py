@@ -27,8 +27,8 @@ from torch import nn
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import load_encoder_weights, packaged_state_dict
 from anomalib_cflow_plus.torch_model import feature_levels
-from benchmarks.harness import cpu_engine, dataset_location, demo_datamodule, extract_metrics
-from benchmarks.jobs import peak_rss_mb, serve
+from benchmarks.harness import cpu_engine, dataset_location, demo_datamodule, extract_metrics, spec_key
+from benchmarks.jobs import OUT_DIR, peak_rss_mb, serve
 
 LATENCY_IMAGES = 20
 PADIM_FEATURES = 100  # anomalib's n_features for resnet18 (of 448 channels); lite1's three levels have 176
@@ -125,8 +125,16 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         checkpoint = Path(run_dir) / "benchmark.ckpt"
         engine.trainer.save_checkpoint(checkpoint)
         checkpoint_mb = checkpoint.stat().st_size / 2**20
+    evidence = {}
+    if spec.get("evidence"):  # every image-score rule and calibration of this training (benchmarks/evidence.py)
+        from benchmarks.evidence_scoring import score_variants
+
+        figure = OUT_DIR / "evidence" / "maps" / f"{spec_key(spec)}.npz"
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        evidence = {"variants": score_variants(model, datamodule, figure)}
     return {
         **spec,
+        **evidence,
         **extract_metrics(results),
         "layers": layers,
         "train_images": len(datamodule.train_data),

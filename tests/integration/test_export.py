@@ -326,3 +326,29 @@ def test_a_position_calibrated_image_score_exports_like_torch(tmp_path: Path) ->
     outputs = ov.Core().compile_model(ov.Core().read_model(path), "CPU", F32)(images.numpy())
     np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4, rtol=1e-5)
     np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)
+
+
+def test_a_neighbourhood_model_exports_like_torch(tmp_path: Path) -> None:
+    """The 3x3 average before the flows (an AveragePool without padding in the count) scores in OpenVINO as in torch."""
+    from anomalib_cflow_plus import CflowPlus
+
+    torch.manual_seed(0)
+    model = CflowPlus(
+        backbone="efficientnet_lite0", pre_trained=False, coupling_blocks=1, condition_vector=16, neighbourhood=3,
+        pre_processor=CflowPlus.configure_pre_processor((64, 64)), post_processor=False, visualizer=False,
+    ).eval()  # fmt: skip
+    training = [model.pre_processor.transform(torch.rand(4, 3, 64, 64)) for _ in range(2)]
+    model.model.initialize_normalization(model.model.encode(training[0]))
+    with torch.no_grad():  # non-trivial decoders, as after training
+        for parameter in model.model.decoders.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    calibrate(model.model, training, torch.device("cpu"))
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+    path = model.to_openvino(export_root=tmp_path, input_size=(64, 64))
+    ov_model = ov.Core().read_model(path)
+    assert any(op.get_type_name() == "AvgPool" for op in ov_model.get_ops())
+    outputs = ov.Core().compile_model(ov_model, "CPU", F32)(images.numpy())
+    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4)

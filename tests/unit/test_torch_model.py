@@ -4,7 +4,7 @@ from anomalib.data.utils.tiler import ImageUpscaleMode, Tiler
 
 from anomalib_cflow_plus.calibration import calibrate
 from anomalib_cflow_plus.condition import positional_encoding_2d
-from anomalib_cflow_plus.errors import NotCalibratedError
+from anomalib_cflow_plus.errors import ConfigurationError, NotCalibratedError
 from anomalib_cflow_plus.torch_model import CflowPlusModel, feature_levels, resolve_layers
 
 
@@ -239,3 +239,51 @@ def test_the_docstring_example_runs():
     result = doctest.testmod(torch_model)
     assert result.attempted > 0  # the examples are there and ran
     assert result.failed == 0
+
+
+@pytest.fixture(scope="module")
+def neighbourhood_model(model) -> CflowPlusModel:
+    """The module's model with the same decoders, each fiber averaged with its 3x3 neighbourhood first."""
+    context = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=2, neighbourhood=3)
+    context.load_state_dict(model.state_dict())
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    calibrate(context, [images], torch.device("cpu"))
+    return context.eval()
+
+
+def test_neighbourhood_averages_each_fiber_with_the_fibers_around_it(model, neighbourhood_model):
+    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    alone, averaged = model.encode(images), neighbourhood_model.encode(images)
+    assert [f.shape for f in averaged] == [f.shape for f in alone]
+    for single, context in zip(alone, averaged, strict=True):
+        torch.testing.assert_close(context[:, :, 1, 2], single[:, :, 0:3, 1:4].mean(dim=(-2, -1)))  # inside
+        torch.testing.assert_close(context[:, :, 0, 0], single[:, :, 0:2, 0:2].mean(dim=(-2, -1)))  # corner: no pad
+    maps, context_maps = model.log_likelihood_maps(alone), neighbourhood_model.log_likelihood_maps(averaged)
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(maps, context_maps, strict=True))
+
+
+def test_a_local_defect_spreads_over_its_neighbourhood(model, neighbourhood_model):
+    """One changed fiber changes only itself alone, and its 3x3 neighbours with a neighbourhood."""
+    features = torch.randn(1, 40, 6, 6, generator=torch.Generator().manual_seed(4))
+    changed = features.clone()
+    changed[0, :, 3, 3] += 5.0
+    alone = (model.aggregate(changed) - model.aggregate(features)).abs().sum(1)[0] > 0
+    context = (neighbourhood_model.aggregate(changed) - neighbourhood_model.aggregate(features)).abs().sum(1)[0] > 1e-6
+    assert alone.sum() == 1
+    assert context.sum() == 9
+    assert context[2:5, 2:5].all()
+
+
+def test_neighbourhood_keeps_batch_independence(neighbourhood_model):
+    images = torch.randn(5, 3, 96, 96, generator=torch.Generator().manual_seed(5))
+    batch = neighbourhood_model(images)
+    for index in (0, 3):
+        alone = neighbourhood_model(images[index : index + 1])
+        torch.testing.assert_close(alone.pred_score[0], batch.pred_score[index], atol=1e-5, rtol=3e-6)
+        torch.testing.assert_close(alone.anomaly_map[0], batch.anomaly_map[index], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("neighbourhood", [0, 2, -3])
+def test_neighbourhood_must_be_odd_and_positive(neighbourhood):
+    with pytest.raises(ConfigurationError, match=r"neighbourhood must be an odd number >= 1.*got"):
+        CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1, neighbourhood=neighbourhood)

@@ -1,0 +1,342 @@
+"""The decoders' evidence: which local context, grid and image-score rule carry over to real parts (issue 28).
+
+Each *candidate* changes what the decoders see or learn (a neighbourhood of fibers averaged before the flows, the
+layer set, the input size, the training length) and is trained once per category and seed by ``real_data_job``
+(anomalib's ``Engine``, the packaged lite1 weights, one fresh process per job, results cached by spec). Inside that
+job, :mod:`benchmarks.evidence_scoring` scores the same decoders under every image-score rule and calibration
+(the fused map's max, its top 3 % as MSFlow, each layer's max, today's mean of both, per-position calibration,
+log-likelihoods pooled after the flows), so those are decided without retraining.
+
+Usage::
+
+    python -m benchmarks.evidence train --candidates default "neighbourhood 3" --seeds 0 1 2
+    python -m benchmarks.evidence report            # tables, the default's rule, leave-one-out, the gate, figure
+
+``report`` prints markdown, writes ``benchmarks/out/evidence.json`` and ``benchmarks/figures/evidence_maps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.harness import (
+    DEFAULT_REALDEV_ROOT,
+    DEMO_PREFIX,
+    METRICS,
+    OUT_DIR,
+    REAL_DATA_JOBS,
+    cflow_plus_source,
+    format_spread,
+    is_real,
+    mean_and_spread,
+    real_categories,
+    real_data_job,
+    spec_key,
+)
+from benchmarks.jobs import REPO_ROOT
+
+FIGURE = REPO_ROOT / "benchmarks" / "figures" / "evidence_maps.png"
+REPORT_JSON = OUT_DIR / "evidence.json"
+DEMO_DATASETS = tuple(f"{DEMO_PREFIX}{texture}" for texture in ("brick", "grass", "gravel"))
+CATEGORY_MARGIN = 0.01  # a new default loses no more than this on any category, texture and metric
+LITE1_LEVELS = {4: "blocks.1", 8: "blocks.2", 16: "blocks.4", 32: "blocks.6"}
+BASELINE = ("default", "combined")
+
+# name -> (CflowPlus arguments over its defaults, input size, epochs)
+CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
+    "default": ({}, 256, 3),
+    "neighbourhood 3": ({"neighbourhood": 3}, 256, 3),
+    "neighbourhood 5": ({"neighbourhood": 5}, 256, 3),
+    "strides 8/16, neighbourhood 3": ({"layers": [LITE1_LEVELS[8], LITE1_LEVELS[16]], "neighbourhood": 3}, 256, 3),
+    "strides 4/8/16/32": ({"layers": [LITE1_LEVELS[s] for s in (4, 8, 16, 32)]}, 256, 3),
+    "384 px": ({}, 384, 3),
+    "default, 1 epoch": ({}, 256, 1),
+    "default, 8 epochs": ({}, 256, 8),
+    "default, 20 epochs": ({}, 256, 20),
+}
+
+
+def job_spec(candidate: str, dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The ``real_data_job`` spec of one candidate on one data set and seed."""
+    kwargs, image_size, epochs = CANDIDATES[candidate]
+    return {
+        "model": "CflowPlus",
+        "model_kwargs": kwargs,
+        "dataset": dataset,
+        "data_root": str(args.data_root.resolve()),
+        "seed": seed,
+        "backbone": "efficientnet_lite1",
+        "image_size": image_size,
+        "epochs": epochs,
+        "threads": args.threads,
+        "source": cflow_plus_source(),
+        "evidence": True,
+    }
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train every requested candidate, data set and seed that is not cached yet, one after another."""
+    for seed in args.seeds:
+        for candidate in args.candidates:
+            for dataset in args.datasets:
+                result = real_data_job(job_spec(candidate, dataset, seed, args))
+                if "error" in result:
+                    print(f"  FAILED: {candidate}, {dataset}, seed {seed}: {result.get('log')}", flush=True)
+
+
+def cached_results() -> list[dict[str, Any]]:
+    """Every finished evidence job in the shared job cache, whatever the plugin's source was when it ran."""
+    results = []
+    for path in sorted(REAL_DATA_JOBS.glob("*.json")):
+        if path.name.endswith(".spec.json"):
+            continue
+        result = json.loads(path.read_text())
+        if result.get("evidence") and "variants" in result:
+            results.append(result)
+    return results
+
+
+def candidate_of(result: dict[str, Any]) -> str | None:
+    """The candidate whose arguments, size and epochs a job ran with."""
+    for name, (kwargs, image_size, epochs) in CANDIDATES.items():
+        if (result["model_kwargs"], result["image_size"], result["epochs"]) == (kwargs, image_size, epochs):
+            return name
+    return None
+
+
+def rows(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]]:
+    """``(candidate, variant) -> dataset -> seed -> metrics``, the newest job of each kept."""
+    table: dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]] = {}
+    for result in results:
+        candidate = candidate_of(result)
+        if candidate is None:
+            continue
+        for variant, metrics in result["variants"].items():
+            if isinstance(metrics, dict) and "image_auroc" in metrics:
+                table.setdefault((candidate, variant), {}).setdefault(result["dataset"], {})[result["seed"]] = metrics
+    return table
+
+
+def summarize(
+    per_dataset: dict[str, dict[int, dict[str, float]]], datasets: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Per metric: each data set's mean and spread over seeds, and the real categories' mean per seed."""
+    real = [dataset for dataset in datasets if is_real(dataset)]
+    summary: dict[str, dict[str, Any]] = {}
+    for metric in METRICS:
+        entry: dict[str, Any] = {
+            dataset: mean_and_spread(seeds[s][metric] for s in seeds)
+            for dataset, seeds in per_dataset.items()
+            if dataset in datasets
+        }
+        seeds = sorted(set.intersection(*(set(per_dataset.get(d, {})) for d in real))) if real else []
+        if seeds:
+            entry["real mean"] = mean_and_spread(
+                statistics.fmean(per_dataset[d][s][metric] for d in real) for s in seeds
+            )
+            entry["real mean"]["seeds"] = seeds
+        summary[metric] = entry
+    return summary
+
+
+def markdown(summaries: dict[tuple[str, str], dict[str, Any]], datasets: Sequence[str]) -> str:
+    """One row per candidate and variant: image AUROC / pixel AUROC / AUPRO, real mean and per data set."""
+    columns = ["real mean", *datasets]
+    lines = ["| candidate | image score | seeds | " + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
+    for (candidate, variant), summary in summaries.items():
+        seeds = summary["image_auroc"].get("real mean", {}).get("seeds", [])
+        cells = [
+            " / ".join(format_spread(summary[m][c]) for m in METRICS) if c in summary["image_auroc"] else ""
+            for c in columns
+        ]
+        lines.append(f"| {candidate} | {variant} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def passes_rule(
+    candidate: dict[str, Any], baseline: dict[str, Any], datasets: Sequence[str], margin: float = CATEGORY_MARGIN
+) -> dict[str, Any]:
+    """The rule for a new default: higher real-mean image AUROC and AUPRO, no data set or metric ``margin`` worse.
+
+    Data sets either side lacks are not judged; the figures are means over the seeds both have.
+    """
+    losses = {
+        f"{dataset} {metric}": round(candidate[metric][dataset]["mean"] - baseline[metric][dataset]["mean"], 4)
+        for dataset in datasets
+        for metric in METRICS
+        if dataset in candidate[metric] and dataset in baseline[metric]
+        and candidate[metric][dataset]["mean"] < baseline[metric][dataset]["mean"] - margin
+    }  # fmt: skip
+    gains = {
+        metric: candidate[metric]["real mean"]["mean"] - baseline[metric]["real mean"]["mean"]
+        for metric in ("image_auroc", "aupro")
+        if "real mean" in candidate[metric] and "real mean" in baseline[metric]
+    }
+    passed = len(gains) == 2 and all(gain > 0 for gain in gains.values()) and not losses
+    return {"passed": passed, "gains": gains, "losses": losses}
+
+
+def leave_one_out_choice(
+    summaries: dict[tuple[str, str], dict[str, Any]], real: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """For each held-out real category: the best (candidate, variant) by mean image AUROC + AUPRO on the others.
+
+    Only pairs measured on every real category are ranked; the held-out category's figures of the choice and of the
+    baseline are reported beside it.
+    """
+    complete = {key: s for key, s in summaries.items() if all(d in s["image_auroc"] for d in real)}
+    choices = {}
+    for held_out in real:
+        others = [d for d in real if d != held_out]
+
+        def merit(key: tuple[str, str], others: Sequence[str] = others) -> float:
+            summary = complete[key]
+            return statistics.fmean(summary["image_auroc"][d]["mean"] + summary["aupro"][d]["mean"] for d in others)
+
+        best = max(complete, key=merit)
+        choices[held_out] = {
+            "choice": " / ".join(best),
+            "held_out": {m: complete[best][m][held_out]["mean"] for m in METRICS},
+            "baseline": {m: complete[BASELINE][m][held_out]["mean"] for m in METRICS} if BASELINE in complete else None,
+        }
+    return choices
+
+
+def gate_study(results: list[dict[str, Any]], real: Sequence[str], candidate: str) -> dict[str, Any]:
+    """The ``auto`` gate re-decided: per category its peak concentration and what position calibration changes.
+
+    Per held-out category, the threshold is chosen on the other categories (those that gain must reach it, those
+    that lose must not; the midpoint between the two groups' closest values, or none when they overlap).
+    """
+    per_category: dict[str, dict[str, list[float]]] = {}
+    for result in results:
+        if candidate_of(result) != candidate or result["dataset"] not in real:
+            continue
+        variants = result["variants"]
+        entry = per_category.setdefault(result["dataset"], {"concentration": [], "gain": []})
+        entry["concentration"].append(min(variants["peak_concentration"]))
+        entry["gain"].append(variants["position combined"]["image_auroc"] - variants["combined"]["image_auroc"])
+    table = {
+        dataset: {"concentration": statistics.fmean(e["concentration"]), "gain": statistics.fmean(e["gain"])}
+        for dataset, e in per_category.items()
+    }
+    thresholds = {}
+    for held_out in table:
+        others = {d: e for d, e in table.items() if d != held_out}
+        gaining = [e["concentration"] for e in others.values() if e["gain"] > CATEGORY_MARGIN]
+        losing = [e["concentration"] for e in others.values() if e["gain"] <= CATEGORY_MARGIN]
+        if gaining and (not losing or min(gaining) > max(losing)):
+            threshold = (min(gaining) + max(losing)) / 2 if losing else min(gaining)
+            fires = table[held_out]["concentration"] >= threshold
+            thresholds[held_out] = {"threshold": threshold, "fires": fires, "gain_if_fires": table[held_out]["gain"]}
+        else:
+            thresholds[held_out] = {"threshold": None, "fires": False, "gain_if_fires": table[held_out]["gain"]}
+    return {"per_category": table, "leave_one_out": thresholds}
+
+
+def plot_maps(results: list[dict[str, Any]], before: str, after: str, path: Path) -> None:
+    """Test images (2 good, 3 defective) of each real category, seed 0: image, mask, map before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def maps_of(candidate: str, dataset: str) -> dict[str, np.ndarray] | None:
+        for result in results:
+            if candidate_of(result) == candidate and result["dataset"] == dataset and result["seed"] == 0:
+                figure = Path(result["variants"].get("figure_maps", ""))
+                return dict(np.load(figure)) if figure.is_file() else None
+        return None
+
+    datasets = sorted({r["dataset"] for r in results if is_real(r["dataset"])})
+    panels = [(d, maps_of(before, d), maps_of(after, d)) for d in datasets]
+    panels = [(d, b, a) for d, b, a in panels if b is not None and a is not None]
+    if not panels:
+        return
+    count = len(panels[0][1]["labels"])
+    fig, axes = plt.subplots(4 * len(panels), count, figsize=(2.0 * count, 8.0 * len(panels)), squeeze=False)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for block, (dataset, old, new) in enumerate(panels):
+        for column in range(count):
+            image = np.clip(old["images"][column].astype(np.float32).transpose(1, 2, 0) * std + mean, 0, 1)
+            label = "defective" if old["labels"][column] else "good"
+            cells = [(image, f"{dataset} {label}"), (old["masks"][column], "mask")]
+            cells += [(old["maps"][column].astype(np.float32), before), (new["maps"][column].astype(np.float32), after)]
+            for row, (picture, title) in enumerate(cells):
+                axis = axes[4 * block + row, column]
+                axis.imshow(picture, cmap=None if picture.ndim == 3 else "inferno")
+                axis.set_title(title, fontsize=7)
+                axis.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Tables of every candidate and variant, the default's rule, leave-one-out choices, the gate and the figure."""
+    results = cached_results()
+    datasets = [d for d in args.datasets if any(r["dataset"] == d for r in results)]
+    real = [d for d in datasets if is_real(d)]
+    summaries = {key: summarize(per_dataset, datasets) for key, per_dataset in sorted(rows(results).items())}
+    print(markdown(summaries, datasets))
+    verdicts = {}
+    if BASELINE in summaries:
+        for key, summary in summaries.items():
+            if key != BASELINE:
+                verdicts[" / ".join(key)] = passes_rule(summary, summaries[BASELINE], datasets)
+        print("\n| candidate / image score | passes | real-mean gains (image AUROC, AUPRO) | losses > 0.01 |")
+        print("|---|---|---|---|")
+        for name, verdict in verdicts.items():
+            gains = ", ".join(f"{v:+.3f}" for v in verdict["gains"].values())
+            print(f"| {name} | {verdict['passed']} | {gains} | {verdict['losses'] or ''} |")
+    loo = leave_one_out_choice(summaries, real)
+    print("\nleave one category out:", json.dumps(loo, indent=1))
+    gate = gate_study(results, real, args.gate_candidate)
+    print("\nauto gate:", json.dumps(gate, indent=1))
+    plot_maps(results, "default", args.after, FIGURE)
+    payload = {
+        "datasets": datasets,
+        "summaries": {" / ".join(key): summary for key, summary in summaries.items()},
+        "rule": verdicts,
+        "leave_one_out": loo,
+        "gate": gate,
+        "jobs": [spec_key({k: v for k, v in r.items() if k in ("model_kwargs", "dataset", "seed")}) for r in results],
+    }
+    REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    REPORT_JSON.write_text(json.dumps(payload, indent=1))
+    print(f"\nwrote {REPORT_JSON} and {FIGURE}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("train", "report"))
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT)
+    parser.add_argument("--candidates", nargs="+", default=["default", "neighbourhood 3"], choices=list(CANDIDATES))
+    parser.add_argument("--datasets", nargs="+", default=None, help="default: every real category and demo texture")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--after", default="neighbourhood 3", help="the candidate drawn beside the default")
+    parser.add_argument("--gate-candidate", default="default", help="whose trainings decide the auto gate")
+    args = parser.parse_args(argv)
+    if not args.data_root.is_dir():
+        parser.error(
+            f"--data-root {args.data_root} does not exist: point it at a folder of categories in MVTec AD layout "
+            "(<category>/train/good, <category>/test/<type>, <category>/ground_truth/<type>)."
+        )
+    args.datasets = args.datasets or [*real_categories(args.data_root), *DEMO_DATASETS]
+    if args.action == "train":
+        train(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
