@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PEAK_CONCENTRATION_THRESHOLD",
+    "PEAK_MIN_IMAGES",
     "POSITION_STD_FLOOR",
     "CalibrationCallback",
     "LayerStatistics",
@@ -35,6 +36,9 @@ __all__ = [
 # "auto" position-calibrates the image score when, in every layer, at least this share of the good training images
 # is least likely in one small window of the grid: most good images would score by that one place.
 PEAK_CONCENTRATION_THRESHOLD = 0.5
+# ... and only from at least this many good training images. With a few images one window always holds a large share
+# of their peaks (with two, one of two is half), and per-position statistics of so few images are noise.
+PEAK_MIN_IMAGES = 16
 # Per-position standard deviations are floored at this fraction of the layer's median one (a position whose
 # normal fibers hardly vary must not turn a small change into a large z-score).
 POSITION_STD_FLOOR = 0.5
@@ -123,7 +127,7 @@ class LayerStatistics:
         ``image_calibration``: ``"layer"`` returns no position statistics; ``"position"`` returns each layer's
         per-position ``(mean, std)``, ``(h_l, w_l)`` in float32, the std floored at :data:`POSITION_STD_FLOOR` times
         its median; ``"auto"`` does so only when :meth:`peak_concentration` reaches
-        :data:`PEAK_CONCENTRATION_THRESHOLD` in every layer.
+        :data:`PEAK_CONCENTRATION_THRESHOLD` in every layer, over at least :data:`PEAK_MIN_IMAGES` images.
 
         Raises:
             RuntimeError: When no batch was added.
@@ -131,7 +135,8 @@ class LayerStatistics:
         """
         self._require_data()
         if image_calibration == "auto":
-            concentrated = min(self.peak_concentration()) >= PEAK_CONCENTRATION_THRESHOLD
+            enough = float(self.count.min()) >= PEAK_MIN_IMAGES
+            concentrated = enough and min(self.peak_concentration()) >= PEAK_CONCENTRATION_THRESHOLD
             image_calibration = "position" if concentrated else "layer"
         maxima, means, stds, positions = [], [], [], []
         for total, total_sq, maximum, count in zip(self.total, self.total_sq, self.maximum, self.count, strict=True):

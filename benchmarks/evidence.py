@@ -10,6 +10,7 @@ log-likelihoods pooled after the flows), so those are decided without retraining
 Usage::
 
     python -m benchmarks.evidence train --candidates default "neighbourhood 3" --seeds 0 1 2
+    python -m benchmarks.evidence time --candidates default "neighbourhood 3"   # OpenVINO latency and IR size
     python -m benchmarks.evidence report            # tables, the default's rule, leave-one-out, the gate, figure
 
 ``report`` prints markdown, writes ``benchmarks/out/evidence.json`` and ``benchmarks/figures/evidence_maps.png``.
@@ -44,6 +45,7 @@ from benchmarks.jobs import REPO_ROOT
 
 FIGURE = REPO_ROOT / "benchmarks" / "figures" / "evidence_maps.png"
 REPORT_JSON = OUT_DIR / "evidence.json"
+TIMING_JSON = OUT_DIR / "evidence_time.json"
 DEMO_DATASETS = tuple(f"{DEMO_PREFIX}{texture}" for texture in ("brick", "grass", "gravel"))
 CATEGORY_MARGIN = 0.01  # a new default loses no more than this on any category, texture and metric
 LITE1_LEVELS = {4: "blocks.1", 8: "blocks.2", 16: "blocks.4", 32: "blocks.6"}
@@ -89,6 +91,30 @@ def train(args: argparse.Namespace) -> None:
                 result = real_data_job(job_spec(candidate, dataset, seed, args))
                 if "error" in result:
                     print(f"  FAILED: {candidate}, {dataset}, seed {seed}: {result.get('log')}", flush=True)
+
+
+def time_candidates(args: argparse.Namespace) -> dict[str, Any]:
+    """Export every candidate (untrained, calibrated: weights do not change latency) and time them side by side.
+
+    OpenVINO at its default precision and in f32, batch 1 and 8, in one round-robin process
+    (``deploy_speed.time_irs``); also each IR's size on disk.
+    """
+    from benchmarks import deploy_speed  # torch's export machinery: only for timing
+
+    by_size: dict[int, dict[str, Any]] = {}
+    for candidate in args.candidates:
+        kwargs, size, _ = CANDIDATES[candidate]
+        by_size.setdefault(size, {})[candidate] = lambda size, kwargs=kwargs: deploy_speed.cflow_plus(size, **kwargs)
+    paths: dict[str, dict[str, str]] = {}
+    for size, builders in by_size.items():
+        exported, _ = deploy_speed.export_irs(builders, size, OUT_DIR / "evidence" / "ir", (1, 8), encoder=False)
+        paths |= exported
+    configs = [{"precision": p, "batch": b} for p in ("default", "f32") for b in (1, 8)]
+    timing = deploy_speed.time_irs(paths, configs, args, "evidence_time", reference="default")
+    timing["ir_mb"] = {
+        name: Path(by_batch["1"]).with_suffix(".bin").stat().st_size / 2**20 for name, by_batch in paths.items()
+    }
+    return timing
 
 
 def cached_results() -> list[dict[str, Any]]:
@@ -317,12 +343,14 @@ def report(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("train", "report"))
+    parser.add_argument("action", choices=("train", "time", "report"))
     parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT)
     parser.add_argument("--candidates", nargs="+", default=["default", "neighbourhood 3"], choices=list(CANDIDATES))
     parser.add_argument("--datasets", nargs="+", default=None, help="default: every real category and demo texture")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15, help="timing rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     parser.add_argument("--after", default="neighbourhood 3", help="the candidate drawn beside the default")
     parser.add_argument("--gate-candidate", default="default", help="whose trainings decide the auto gate")
     args = parser.parse_args(argv)
@@ -334,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.datasets = args.datasets or [*real_categories(args.data_root), *DEMO_DATASETS]
     if args.action == "train":
         train(args)
+    elif args.action == "time":
+        TIMING_JSON.parent.mkdir(parents=True, exist_ok=True)
+        TIMING_JSON.write_text(json.dumps(time_candidates(args), indent=1))
+        print(f"wrote {TIMING_JSON}")
     else:
         report(args)
 

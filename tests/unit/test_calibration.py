@@ -9,6 +9,8 @@ from torchvision.transforms.v2 import Resize
 
 from anomalib_cflow_plus import CflowPlus, calibration
 from anomalib_cflow_plus.calibration import (
+    PEAK_CONCENTRATION_THRESHOLD,
+    PEAK_MIN_IMAGES,
     POSITION_STD_FLOOR,
     CalibrationCallback,
     LayerStatistics,
@@ -175,13 +177,30 @@ def test_peak_concentration_tells_one_hot_spot_from_spread_peaks():
 
 @pytest.mark.parametrize(("second_layer_spread", "expected"), [(False, True), (True, False)])
 def test_auto_calibrates_by_position_only_when_every_layer_peaks_at_one_place(second_layer_spread, expected):
-    hot_spot = [(3 + index % 2, 12) for index in range(8)]
-    spread = [(2 * index, 15 - 2 * index) for index in range(8)] if second_layer_spread else hot_spot
+    hot_spot = [(3 + index % 2, 12) for index in range(PEAK_MIN_IMAGES)]
+    spread = [(index, 15 - index) for index in range(PEAK_MIN_IMAGES)] if second_layer_spread else hot_spot
     statistics = LayerStatistics(2)
     statistics.update([_maps_peaking_at(hot_spot), _maps_peaking_at(spread, seed=1)])
     positions = statistics.finalize("auto")[3]
     assert (positions is not None) is expected
     assert statistics.finalize("position")[3] is not None and statistics.finalize("layer")[3] is None
+
+
+@pytest.mark.parametrize("images", [2, 4, PEAK_MIN_IMAGES - 1])
+def test_auto_never_calibrates_by_position_from_a_few_images(images):
+    """Two images peaking anywhere put half of them in one window: too few to tell a hot spot from chance."""
+    spread = [(2 * index % 16, (5 * index + 3) % 16) for index in range(images)]
+    statistics = LayerStatistics(1)
+    statistics.update([_maps_peaking_at(spread)])
+    assert statistics.peak_concentration()[0] >= 1 / images
+    if images == 2:
+        assert statistics.peak_concentration()[0] >= PEAK_CONCENTRATION_THRESHOLD  # the old rule fired here
+    assert statistics.finalize("auto")[3] is None
+    hot_spot = LayerStatistics(1)
+    hot_spot.update([_maps_peaking_at([(8, 8)] * images)])  # even every image at one place
+    assert hot_spot.finalize("auto")[3] is None
+    hot_spot.update([_maps_peaking_at([(8, 8)] * (PEAK_MIN_IMAGES - images))])
+    assert hot_spot.finalize("auto")[3] is not None
 
 
 def test_merged_statistics_equal_those_of_all_images():
