@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalib_cflow_plus.calibration import PEAK_CONCENTRATION_THRESHOLD, PEAK_MIN_IMAGES
 from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     DEMO_PREFIX,
@@ -49,7 +50,7 @@ TIMING_JSON = OUT_DIR / "evidence_time.json"
 DEMO_DATASETS = tuple(f"{DEMO_PREFIX}{texture}" for texture in ("brick", "grass", "gravel"))
 CATEGORY_MARGIN = 0.01  # a new default loses no more than this on any category, texture and metric
 LITE1_LEVELS = {4: "blocks.1", 8: "blocks.2", 16: "blocks.4", 32: "blocks.6"}
-BASELINE = ("default", "combined")
+BASELINE = ("default", "auto")  # what ships today: the combined score, position-calibrated where the gate fires
 
 # name -> (CflowPlus arguments over its defaults, input size, epochs)
 CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
@@ -137,14 +138,21 @@ def candidate_of(result: dict[str, Any]) -> str | None:
     return None
 
 
+def gate_fires(variants: dict[str, Any], threshold: float = PEAK_CONCENTRATION_THRESHOLD) -> bool:
+    """Whether ``image_calibration="auto"`` position-calibrates a training, from its recorded evidence."""
+    return variants["train_images"] >= PEAK_MIN_IMAGES and min(variants["peak_concentration"]) >= threshold
+
+
 def rows(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]]:
-    """``(candidate, variant) -> dataset -> seed -> metrics``, the newest job of each kept."""
+    """``(candidate, variant) -> dataset -> seed -> metrics``; ``"auto"`` is what the shipped gate would score."""
     table: dict[tuple[str, str], dict[str, dict[int, dict[str, float]]]] = {}
     for result in results:
         candidate = candidate_of(result)
         if candidate is None:
             continue
-        for variant, metrics in result["variants"].items():
+        variants = dict(result["variants"])
+        variants["auto"] = variants["position combined" if gate_fires(variants) else "combined"]
+        for variant, metrics in variants.items():
             if isinstance(metrics, dict) and "image_auroc" in metrics:
                 table.setdefault((candidate, variant), {}).setdefault(result["dataset"], {})[result["seed"]] = metrics
     return table
@@ -268,7 +276,10 @@ def gate_study(results: list[dict[str, Any]], real: Sequence[str], candidate: st
 
 
 def plot_maps(results: list[dict[str, Any]], before: str, after: str, path: Path) -> None:
-    """Test images (2 good, 3 defective) of each real category, seed 0: image, mask, map before and after."""
+    """Test images (2 good, 3 defective) of each real category, seed 0: image, mask, map before and after.
+
+    Each map row shares one colour scale over its five images.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +308,11 @@ def plot_maps(results: list[dict[str, Any]], before: str, after: str, path: Path
             cells += [(old["maps"][column].astype(np.float32), before), (new["maps"][column].astype(np.float32), after)]
             for row, (picture, title) in enumerate(cells):
                 axis = axes[4 * block + row, column]
-                axis.imshow(picture, cmap=None if picture.ndim == 3 else "inferno")
+                scale = {}  # one colour scale per category and model, so that good and defective images compare
+                if row >= 2:
+                    maps = (old if row == 2 else new)["maps"].astype(np.float32)
+                    scale = {"vmin": float(maps.min()), "vmax": float(maps.max())}
+                axis.imshow(picture, cmap=None if picture.ndim == 3 else "inferno", **scale)
                 axis.set_title(title, fontsize=7)
                 axis.axis("off")
     fig.tight_layout()
