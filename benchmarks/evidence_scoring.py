@@ -98,6 +98,13 @@ def score_variants(model: Any, datamodule: Any, figure_path: Path | None = None)
         }
         if name == "combined":
             figure_maps = all_maps
+    if figure_path is not None:  # every image's per-layer log-likelihoods, for scoring rules tried later
+        layer_maps = {
+            f"{split}_{layer}": torch.cat([maps[layer] for maps in batches]).numpy()
+            for split, batches in (("train", train_maps), ("test", test_maps))
+            for layer in range(layers)
+        }
+        np.savez_compressed(figure_path.with_suffix(".llmaps.npz"), labels=labels_np, masks=masks_np, **layer_maps)
     if figure_path is not None and figure_maps is not None:
         good, defective = np.flatnonzero(labels_np == 0), np.flatnonzero(labels_np == 1)
         picked = np.concatenate(
