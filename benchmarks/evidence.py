@@ -359,9 +359,30 @@ def report(args: argparse.Namespace) -> None:
             gains = ", ".join(f"{v:+.3f}" for v in verdict["gains"].values())
             print(f"| {name} | {verdict['passed']} | {gains} | {verdict['losses'] or ''} |")
     loo = leave_one_out_choice(summaries, real)
-    print("\nleave one category out:", json.dumps(loo, indent=1))
+    print("\n| held out | chosen on the others | held out: image AUROC / pixel AUROC / AUPRO | today's default |")
+    print("|---|---|---|---|")
+    for held_out, entry in loo.items():
+        base = entry["baseline"] or {}
+        print(
+            f"| {held_out} | {entry['choice']} | " + " / ".join(f"{entry['held_out'][m]:.3f}" for m in METRICS)
+            + " | " + " / ".join(f"{base[m]:.3f}" for m in METRICS if m in base) + " |"
+        )  # fmt: skip
     gate = gate_study(results, datasets, args.gate_candidate)
-    print("\nauto gate:", json.dumps(gate, indent=1))
+    print("\n| data set | train images | peak concentration (min over layers) per seed | position - layer image AUROC |")
+    print("|---|---|---|---|")
+    for dataset, entry in gate["per_dataset"].items():
+        concentrations = " / ".join(f"{c:.2f}" for c in entry["concentration"])
+        print(f"| {dataset} | {entry['train_images']} | {concentrations} | {entry['gain']:+.3f} |")
+    print("\n| held out | " + " | ".join(f"{rule}: threshold, fires, image AUROC change" for rule in GATE_RULES) + " |")
+    print("|---|" + "---|" * len(GATE_RULES))
+    for held_out, by_rule in gate["leave_one_out"].items():
+        cells = []
+        for rule in GATE_RULES:
+            entry = by_rule[rule]
+            threshold = "never" if entry["threshold"] is None else f"{entry['threshold']:.3f}"
+            cells.append(f"{threshold}, {entry['fires']}, {entry['image_auroc_change']:+.3f}")
+        print(f"| {held_out} | " + " | ".join(cells) + " |")
+    print("chosen on every data set:", gate["chosen"])
     plot_maps(results, "default", args.after, FIGURE)
     payload = {
         "datasets": datasets,
