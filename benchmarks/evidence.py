@@ -368,7 +368,7 @@ def report(args: argparse.Namespace) -> None:
             + " | " + " / ".join(f"{base[m]:.3f}" for m in METRICS if m in base) + " |"
         )  # fmt: skip
     gate = gate_study(results, datasets, args.gate_candidate)
-    print("\n| data set | train images | peak concentration (min over layers) per seed | position - layer image AUROC |")
+    print("\n| data set | train images | peak concentration per seed | position - layer image AUROC |")
     print("|---|---|---|---|")
     for dataset, entry in gate["per_dataset"].items():
         concentrations = " / ".join(f"{c:.2f}" for c in entry["concentration"])
