@@ -243,7 +243,7 @@ def leave_one_out_choice(
     return choices
 
 
-GATE_RULES = ("midpoint", "lowest gainer")
+GATE_RULES = ("midpoint", "lowest gainer", "fixed")
 
 
 def gate_threshold(table: dict[str, dict[str, Any]], rule: str) -> float | None:
@@ -252,8 +252,10 @@ def gate_threshold(table: dict[str, dict[str, Any]], rule: str) -> float | None:
     A category *gains* when position calibration lifts its mean image AUROC by more than ``CATEGORY_MARGIN``.
     ``"midpoint"``: halfway between the lowest concentration of a gaining training and the highest of any other;
     ``"lowest gainer"``: the lowest concentration of a gaining training (as high as it can be while every gaining
-    training seen still fires).
+    training seen still fires); ``"fixed"``: the shipped constant, fitted to nothing ("most good images").
     """
+    if rule == "fixed":
+        return PEAK_CONCENTRATION_THRESHOLD
     gaining = [c for e in table.values() if e["gain"] > CATEGORY_MARGIN for c in e["concentration"]]
     others = [c for e in table.values() if e["gain"] <= CATEGORY_MARGIN for c in e["concentration"]]
     if not gaining or (others and min(gaining) <= max(others)):
