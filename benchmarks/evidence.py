@@ -194,6 +194,26 @@ def markdown(summaries: dict[tuple[str, str], dict[str, Any]], datasets: Sequenc
     return "\n".join(lines)
 
 
+def compact_markdown(summaries: dict[tuple[str, str], dict[str, Any]], datasets: Sequence[str]) -> str:
+    """One row per candidate and variant: the real mean's three metrics, then image AUROC / AUPRO per data set."""
+    lines = [
+        "| candidate | image score | seeds | real mean: image AUROC / pixel AUROC / AUPRO | "
+        + " | ".join(datasets) + " |",
+        "|" + "---|" * (4 + len(datasets)),
+    ]  # fmt: skip
+    for (candidate, variant), summary in summaries.items():
+        mean = summary["image_auroc"].get("real mean")
+        head = " / ".join(format_spread(summary[m]["real mean"]) for m in METRICS) if mean else ""
+        cells = [
+            f"{summary['image_auroc'][d]['mean']:.3f} / {summary['aupro'][d]['mean']:.3f}"
+            if d in summary["image_auroc"] else ""
+            for d in datasets
+        ]  # fmt: skip
+        seeds = len(mean["seeds"]) if mean else ""
+        lines.append(f"| {candidate} | {variant} | {seeds} | {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def passes_rule(
     candidate: dict[str, Any], baseline: dict[str, Any], datasets: Sequence[str], margin: float = CATEGORY_MARGIN
 ) -> dict[str, Any]:
@@ -350,6 +370,7 @@ def report(args: argparse.Namespace) -> None:
     real = [d for d in datasets if is_real(d)]
     summaries = {key: summarize(per_dataset, datasets) for key, per_dataset in sorted(rows(results).items())}
     print(markdown(summaries, datasets))
+    print("\n" + compact_markdown(summaries, datasets))
     verdicts = {}
     if BASELINE in summaries:
         for key, summary in summaries.items():
