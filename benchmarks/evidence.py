@@ -35,6 +35,7 @@ from benchmarks.harness import (
     OUT_DIR,
     REAL_DATA_JOBS,
     cflow_plus_source,
+    environment,
     format_spread,
     is_real,
     mean_and_spread,
@@ -112,6 +113,9 @@ def time_candidates(args: argparse.Namespace) -> dict[str, Any]:
         paths |= exported
     configs = [{"precision": p, "batch": b} for p in ("default", "f32") for b in (1, 8)]
     timing = deploy_speed.time_irs(paths, configs, args, "evidence_time", reference="default")
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    timing["environment"] = environment() | {"amx": "amx_tile" in flags}
     timing["ir_mb"] = {
         name: Path(by_batch["1"]).with_suffix(".bin").stat().st_size / 2**20 for name, by_batch in paths.items()
     }
@@ -211,6 +215,29 @@ def compact_markdown(summaries: dict[tuple[str, str], dict[str, Any]], datasets:
         ]  # fmt: skip
         seeds = len(mean["seeds"]) if mean else ""
         lines.append(f"| {candidate} | {variant} | {seeds} | {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_markdown(results: list[dict[str, Any]], timing: dict[str, Any] | None, real: Sequence[str]) -> str:
+    """Per candidate: training s and checkpoint MiB (mean over its real-category jobs), IR MiB, OpenVINO latency."""
+    configs = [(r["precision"], r["batch"], r["summary"]) for r in (timing or {}).get("results", [])]
+    columns = ["candidate", "train s (real mean)", "checkpoint MiB", "IR MiB"]
+    columns += [f"OpenVINO {precision} b{batch}, ms (x default)" for precision, batch, _ in configs]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for candidate in CANDIDATES:
+        jobs = [r for r in results if candidate_of(r) == candidate and r["dataset"] in real]
+        timed = timing is not None and candidate in timing.get("ir_mb", {})
+        if not jobs and not timed:
+            continue
+        train = f"{statistics.fmean(r['train_s'] for r in jobs):.0f}" if jobs else ""
+        checkpoint = f"{statistics.fmean(r['checkpoint_mb'] for r in jobs):.1f}" if jobs else ""
+        ir = f"{timing['ir_mb'][candidate]:.1f}" if timed else ""
+        cells = [
+            f"{summary[candidate]['ms_per_image']:.1f} ({summary[candidate]['vs_reference']:.2f})"
+            if candidate in summary else ""
+            for _, _, summary in configs
+        ]  # fmt: skip
+        lines.append("| " + " | ".join([candidate, train, checkpoint, ir, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -406,6 +433,11 @@ def report(args: argparse.Namespace) -> None:
             cells.append(f"{threshold}, {entry['fires']}, {entry['image_auroc_change']:+.3f}")
         print(f"| {held_out} | " + " | ".join(cells) + " |")
     print("chosen on every data set:", gate["chosen"])
+    timing = json.loads(TIMING_JSON.read_text()) if TIMING_JSON.is_file() else None
+    print("\n" + cost_markdown(results, timing, real))
+    if timing is not None:
+        machine = timing.get("environment", {})
+        print(f"timed on: {machine.get('cpu', 'this CPU')}, AMX: {machine.get('amx')}")
     plot_maps(results, "default", args.after, FIGURE)
     payload = {
         "datasets": datasets,

@@ -26,6 +26,9 @@ def test_paper_defaults_are_constructor_arguments():
     narrow = CflowPlus(hidden_ratio=0.5)
     assert narrow.hparams.hidden_ratio == 0.5
     assert narrow.model.decoders[0][1].subnet.out.in_features == round(0.5 * 2 * (40 // 2 + 128))  # lite1 blocks.2
+    assert CflowPlus().model.neighbourhood == 1  # the paper's one fiber at a time, by default
+    context = CflowPlus(neighbourhood=3)
+    assert (context.hparams.neighbourhood, context.model.neighbourhood) == (3, 3)
 
 
 @pytest.mark.parametrize(
