@@ -13,7 +13,7 @@ Usage::
     python -m benchmarks.evidence time --candidates default "neighbourhood 3"   # OpenVINO latency and IR size
     python -m benchmarks.evidence report            # tables, the default's rule, leave-one-out, the gate, figure
 
-``report`` prints markdown, writes ``benchmarks/out/evidence.json`` and ``benchmarks/figures/evidence_maps.png``.
+``report`` prints markdown, writes ``benchmarks/out/evidence.json`` and ``benchmarks/figures/evidence_maps_*.png``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from benchmarks.harness import (
 )
 from benchmarks.jobs import REPO_ROOT
 
-FIGURE = REPO_ROOT / "benchmarks" / "figures" / "evidence_maps.png"
+FIGURES = REPO_ROOT / "benchmarks" / "figures"
 REPORT_JSON = OUT_DIR / "evidence.json"
 TIMING_JSON = OUT_DIR / "evidence_time.json"
 DEMO_DATASETS = tuple(f"{DEMO_PREFIX}{texture}" for texture in ("brick", "grass", "gravel"))
@@ -386,7 +386,7 @@ def plot_maps(results: list[dict[str, Any]], before: str, after: str, path: Path
                 axis.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=56)
     plt.close(fig)
 
 
@@ -438,7 +438,10 @@ def report(args: argparse.Namespace) -> None:
     if timing is not None:
         machine = timing.get("environment", {})
         print(f"timed on: {machine.get('cpu', 'this CPU')}, AMX: {machine.get('amx')}")
-    plot_maps(results, "default", args.after, FIGURE)
+    figures = []
+    for after in args.after:
+        figures.append(FIGURES / f"evidence_maps_{''.join(c if c.isalnum() else '_' for c in after).strip('_')}.png")
+        plot_maps(results, "default", after, figures[-1])
     payload = {
         "datasets": datasets,
         "summaries": {" / ".join(key): summary for key, summary in summaries.items()},
@@ -449,7 +452,7 @@ def report(args: argparse.Namespace) -> None:
     }
     REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
     REPORT_JSON.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {REPORT_JSON} and {FIGURE}")
+    print(f"\nwrote {REPORT_JSON} and {', '.join(map(str, figures))}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -462,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15, help="timing rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
-    parser.add_argument("--after", default="neighbourhood 3", help="the candidate drawn beside the default")
+    drawn = ["neighbourhood 3", "strides 4/8/16/32"]
+    parser.add_argument("--after", nargs="+", default=drawn, help="candidates drawn beside the default")
     parser.add_argument("--gate-candidate", default="default", help="whose trainings decide the auto gate")
     args = parser.parse_args(argv)
     if not args.data_root.is_dir():
