@@ -219,9 +219,9 @@ def compact_markdown(summaries: dict[tuple[str, str], dict[str, Any]], datasets:
 
 
 def cost_markdown(results: list[dict[str, Any]], timing: dict[str, Any] | None, real: Sequence[str]) -> str:
-    """Per candidate: training s and checkpoint MiB (mean over its real-category jobs), IR MiB, OpenVINO latency."""
+    """Per candidate: training s per category, checkpoint MiB (mean over its real-category jobs), IR MiB, latency."""
     configs = [(r["precision"], r["batch"], r["summary"]) for r in (timing or {}).get("results", [])]
-    columns = ["candidate", "train s (real mean)", "checkpoint MiB", "IR MiB"]
+    columns = ["candidate", "train s per category (mean over seeds)", "checkpoint MiB", "IR MiB"]
     columns += [f"OpenVINO {precision} b{batch}, ms (x default)" for precision, batch, _ in configs]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for candidate in CANDIDATES:
@@ -229,7 +229,10 @@ def cost_markdown(results: list[dict[str, Any]], timing: dict[str, Any] | None, 
         timed = timing is not None and candidate in timing.get("ir_mb", {})
         if not jobs and not timed:
             continue
-        train = f"{statistics.fmean(r['train_s'] for r in jobs):.0f}" if jobs else ""
+        by_dataset: dict[str, list[float]] = {}
+        for job in jobs:
+            by_dataset.setdefault(job["dataset"], []).append(job["train_s"])
+        train = ", ".join(f"{d} {statistics.fmean(by_dataset[d]):.0f}" for d in real if d in by_dataset)
         checkpoint = f"{statistics.fmean(r['checkpoint_mb'] for r in jobs):.1f}" if jobs else ""
         ir = f"{timing['ir_mb'][candidate]:.1f}" if timed else ""
         cells = [
