@@ -34,7 +34,7 @@ from benchmarks.harness import (
     METRICS,
     OUT_DIR,
     REAL_DATA_JOBS,
-    cflow_plus_source,
+    cflow_plus_spec,
     environment,
     format_spread,
     is_real,
@@ -70,19 +70,8 @@ CANDIDATES: dict[str, tuple[dict[str, Any], int, int]] = {
 def job_spec(candidate: str, dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The ``real_data_job`` spec of one candidate on one data set and seed."""
     kwargs, image_size, epochs = CANDIDATES[candidate]
-    return {
-        "model": "CflowPlus",
-        "model_kwargs": kwargs,
-        "dataset": dataset,
-        "data_root": str(args.data_root.resolve()),
-        "seed": seed,
-        "backbone": "efficientnet_lite1",
-        "image_size": image_size,
-        "epochs": epochs,
-        "threads": args.threads,
-        "source": cflow_plus_source(),
-        "evidence": True,
-    }
+    spec = cflow_plus_spec(kwargs, dataset, seed, args.data_root, image_size, epochs, args.threads)
+    return {**spec, "evidence": True}
 
 
 def train(args: argparse.Namespace) -> None:

@@ -33,7 +33,7 @@ from benchmarks.harness import (
     DEFAULT_REALDEV_ROOT,
     METRICS,
     OUT_DIR,
-    cflow_plus_source,
+    cflow_plus_spec,
     format_spread,
     mean_and_spread,
     real_categories,
@@ -73,18 +73,7 @@ SETTINGS: dict[str, tuple[dict[str, Any], int]] = {
 def accuracy_spec(setting: str, dataset: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The ``real_data_job`` spec of one setting on one category and seed."""
     kwargs, image_size = SETTINGS[setting]
-    return {
-        "model": "CflowPlus",
-        "model_kwargs": kwargs,
-        "dataset": dataset,
-        "data_root": str(args.data_root.resolve()),
-        "seed": seed,
-        "backbone": "efficientnet_lite1",
-        "image_size": image_size,
-        "epochs": args.epochs,
-        "threads": args.threads,
-        "source": cflow_plus_source(),
-    }
+    return cflow_plus_spec(kwargs, dataset, seed, args.data_root, image_size, args.epochs, args.threads)
 
 
 def summarize_accuracy(results: list[dict[str, Any]], datasets: Sequence[str]) -> dict[str, Any]:

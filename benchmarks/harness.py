@@ -141,6 +141,24 @@ def cflow_plus_source() -> str:
     return source_digest([REPO_ROOT / "anomalib_cflow_plus", REPO_ROOT / "benchmarks" / "real_data_job.py"])
 
 
+def cflow_plus_spec(
+    model_kwargs: dict[str, Any], dataset: str, seed: int, data_root: Path, image_size: int, epochs: int, threads: int
+) -> dict[str, Any]:
+    """The ``real_data_job`` spec of CflowPlus on lite1 with ``model_kwargs`` over its defaults, keyed by its source."""
+    return {
+        "model": "CflowPlus",
+        "model_kwargs": model_kwargs,
+        "dataset": dataset,
+        "data_root": str(data_root.resolve()),
+        "seed": seed,
+        "backbone": "efficientnet_lite1",
+        "image_size": image_size,
+        "epochs": epochs,
+        "threads": threads,
+        "source": cflow_plus_source(),
+    }
+
+
 def real_data_job(spec: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
     """Train and test one model on one data set (``real_data_job``) in a fresh process; the spec with its result.
 

@@ -55,7 +55,9 @@ def test_fibers_follow_positions(model):
     torch.testing.assert_close(condition.select(flat_index).dense(), dense[[2 * 4 + 3, 5]])
 
 
-def test_batch_independence(model):
+@pytest.mark.parametrize("scored", ["model", "neighbourhood_model"])
+def test_batch_independence(scored, request):
+    model = request.getfixturevalue(scored)
     images = torch.randn(8, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     batch = model(images)
     for index in (0, 5):
@@ -272,15 +274,6 @@ def test_a_local_defect_spreads_over_its_neighbourhood(model, neighbourhood_mode
     assert alone.sum() == 1
     assert context.sum() == 9
     assert context[2:5, 2:5].all()
-
-
-def test_neighbourhood_keeps_batch_independence(neighbourhood_model):
-    images = torch.randn(5, 3, 96, 96, generator=torch.Generator().manual_seed(5))
-    batch = neighbourhood_model(images)
-    for index in (0, 3):
-        alone = neighbourhood_model(images[index : index + 1])
-        torch.testing.assert_close(alone.pred_score[0], batch.pred_score[index], atol=1e-5, rtol=3e-6)
-        torch.testing.assert_close(alone.anomaly_map[0], batch.anomaly_map[index], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("neighbourhood", [0, 2, -3])
