@@ -41,7 +41,6 @@ from benchmarks.harness import (
     mean_and_spread,
     real_categories,
     real_data_job,
-    spec_key,
 )
 from benchmarks.jobs import REPO_ROOT
 
@@ -430,17 +429,18 @@ def report(args: argparse.Namespace) -> None:
     if timing is not None:
         machine = timing.get("environment", {})
         print(f"timed on: {machine.get('cpu', 'this CPU')}, AMX: {machine.get('amx')}")
-    figures = []
-    for after in args.after:
-        figures.append(FIGURES / f"evidence_maps_{''.join(c if c.isalnum() else '_' for c in after).strip('_')}.png")
-        plot_maps(results, "default", after, figures[-1])
+    from benchmarks.deploy_speed import slug
+
+    figures = [FIGURES / f"evidence_maps_{slug(after)}.png" for after in args.after]
+    for after, figure in zip(args.after, figures, strict=True):
+        plot_maps(results, "default", after, figure)
     payload = {
         "datasets": datasets,
         "summaries": {" / ".join(key): summary for key, summary in summaries.items()},
         "rule": verdicts,
         "leave_one_out": loo,
         "gate": gate,
-        "jobs": [spec_key({k: v for k, v in r.items() if k in ("model_kwargs", "dataset", "seed")}) for r in results],
+        "timing": timing,
     }
     REPORT_JSON.parent.mkdir(parents=True, exist_ok=True)
     REPORT_JSON.write_text(json.dumps(payload, indent=1))
