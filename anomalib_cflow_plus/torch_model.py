@@ -30,6 +30,7 @@ __all__ = [
     "CflowPlusModel",
     "TileCondition",
     "feature_levels",
+    "local_mean",
     "resolve_layers",
     "similar_backbones",
 ]
@@ -261,10 +262,7 @@ class CflowPlusModel(nn.Module):
         Padding is left out of the averages (``count_include_pad=False``), so a border fiber is the mean of the
         fibers it has, not shrunk towards zero. Per image and per channel: nothing crosses the batch.
         """
-        if self.neighbourhood == 1:
-            return features
-        padding = self.neighbourhood // 2
-        return F.avg_pool2d(features, self.neighbourhood, stride=1, padding=padding, count_include_pad=False)
+        return local_mean(features, self.neighbourhood)
 
     def untile(self, tiles: torch.Tensor) -> torch.Tensor:
         """Stitch per-tile maps ``(B * T, C, h_t, w_t)`` into the whole image's ``(B, C, h, w)``.
@@ -390,3 +388,10 @@ class CflowPlusModel(nn.Module):
             maps = self.image_log_likelihood_maps(images)
             anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+
+def local_mean(values: torch.Tensor, side: int) -> torch.Tensor:
+    """Mean of each position of ``(B, C, h, w)`` and its ``side x side`` neighbours, padding left out (1: unchanged)."""
+    if side == 1:
+        return values
+    return F.avg_pool2d(values, side, stride=1, padding=side // 2, count_include_pad=False)

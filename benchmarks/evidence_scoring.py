@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812
 
 from anomalib_cflow_plus.anomaly_map import AnomalyMapGenerator
 from anomalib_cflow_plus.calibration import LayerStatistics
+from anomalib_cflow_plus.torch_model import local_mean
 from benchmarks.harness import aupro, image_auroc, pixel_auroc
 
 # name -> (image_score, top_k_percent, calibration, post-flow pooling side)
@@ -39,9 +39,7 @@ FIGURE_GOOD, FIGURE_DEFECTIVE = 2, 3
 
 def pool(maps: list[torch.Tensor], side: int) -> list[torch.Tensor]:
     """Average each layer's log-likelihood map ``(B, h, w)`` over ``side x side`` positions (1: unchanged)."""
-    if side == 1:
-        return maps
-    return [F.avg_pool2d(m.unsqueeze(1), side, 1, side // 2, count_include_pad=False).squeeze(1) for m in maps]
+    return [local_mean(layer_map.unsqueeze(1), side).squeeze(1) for layer_map in maps]
 
 
 def statistics_of(batches: list[list[torch.Tensor]]) -> LayerStatistics:
@@ -53,7 +51,7 @@ def statistics_of(batches: list[list[torch.Tensor]]) -> LayerStatistics:
 
 
 @torch.no_grad()
-def collect(model: Any, dataloader: Any) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+def collect(model: Any, dataloader: Any) -> tuple[list[list[torch.Tensor]], ...]:
     """Per batch, the L log-likelihood maps, the labels and the masks at the pre-processed size (and the images)."""
     torch_model, transform = model.model.eval(), model.pre_processor.transform
     maps, labels, masks, images = [], [], [], []
