@@ -25,6 +25,7 @@ __all__ = [
     "ImageCalibration",
     "ImageScore",
     "ScoreMode",
+    "resized_grid",
     "smoothed_upsampling",
 ]
 
@@ -34,6 +35,8 @@ ImageScore = Literal["combined", "map", "layer_max"]
 IMAGE_SCORES: tuple[str, ...] = ("combined", "map", "layer_max")
 ImageCalibration = Literal["auto", "layer", "position"]
 IMAGE_CALIBRATIONS: tuple[str, ...] = ("auto", "layer", "position")
+# Per part type (T,): the standardization of image scores and maps, and whether the image score is position-calibrated.
+_PART_TYPE_BUFFERS = ("score_center", "score_scale", "map_center", "map_scale", "position_types")
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -70,6 +73,12 @@ class AnomalyMapGenerator(nn.Module):
     scores' in both cases: per position, it would rank pixels worse (``benchmarks/README.md``, normalization).
     The statistics ``(h_l, w_l)`` are buffers, empty when the score is the layer's, resized bilinearly when a grid
     of another size is scored.
+
+    Part types (a model of several, :meth:`set_part_types`): every constant is kept per type, ``(T, L)`` and
+    ``(T, h_l, w_l)``, and each image is scored with its type's (``part_type (B,)``); the image calibration is chosen
+    per type. Each type's image scores and maps are then standardized by the mean and std of its good training
+    images' scores and maps' maxima (``score_center``/``score_scale``, ``map_center``/``map_scale``, ``(T,)``), so that
+    a score means the same for every type and one threshold serves them all.
 
     Args:
         num_layers (int): ``L``, the number of encoder layers.
@@ -110,6 +119,7 @@ class AnomalyMapGenerator(nn.Module):
         self.top_k_percent = top_k_percent
         self.image_score_mode = image_score
         self.sigma = sigma
+        self.num_layers = num_layers
         self.register_buffer("layer_max", torch.zeros(num_layers))
         self.register_buffer("layer_mean", torch.zeros(num_layers))
         self.register_buffer("layer_std", torch.ones(num_layers))
@@ -117,18 +127,39 @@ class AnomalyMapGenerator(nn.Module):
         for layer in range(num_layers):  # (h_l, w_l) with a position-calibrated image score, else empty
             self.register_buffer(f"position_mean_{layer}", torch.zeros(0, 0))
             self.register_buffer(f"position_std_{layer}", torch.zeros(0, 0))
+        for name in _PART_TYPE_BUFFERS:  # (T,) with part types, else empty
+            self.register_buffer(name, torch.zeros(0, dtype=torch.bool if name == "position_types" else None))
+
+    @property
+    def part_types(self) -> int:
+        """``T``, the number of part types the constants are kept for; 0 for a single-type model."""
+        return len(self.score_center)
+
+    def set_part_types(self, count: int) -> None:
+        """Keep every constant per part type, for ``count`` types (0: one set, a single-type model); uncalibrated."""
+        shape = (count, self.num_layers) if count else (self.num_layers,)
+        like = self.layer_max
+        self.layer_max, self.layer_mean = like.new_zeros(shape), like.new_zeros(shape)
+        self.layer_std = like.new_ones(shape)
+        for name in _PART_TYPE_BUFFERS:
+            fill = 1.0 if name.endswith("scale") else 0.0
+            setattr(self, name, torch.full((count,), fill, dtype=getattr(self, name).dtype, device=like.device))
+        self.calibrated.fill_(False)
 
     @property
     def position_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's per-position ``(mean, std)``, each ``(h_l, w_l)``; empty when the image score is the layer's."""
         return [
             (getattr(self, f"position_mean_{layer}"), getattr(self, f"position_std_{layer}"))
-            for layer in range(len(self.layer_max))
+            for layer in range(self.num_layers)
         ]
 
     @property
     def position_calibrated(self) -> bool:
-        """Whether the image score comes from per-position z-scores (the calibration kept position statistics)."""
+        """Whether the image score comes from per-position z-scores (the calibration kept position statistics).
+
+        With part types: whether it does for any type (``position_types`` says which).
+        """
         return all(mean.numel() > 0 for mean, _ in self.position_statistics)
 
     @torch.no_grad()
@@ -148,54 +179,107 @@ class AnomalyMapGenerator(nn.Module):
         self.layer_mean.copy_(mean)
         self.layer_std.copy_(std)
         empty = self.layer_max.new_zeros(0, 0)
-        for layer in range(len(self.layer_max)):
+        for layer in range(self.num_layers):
             position_mean, position_std = position_statistics[layer] if position_statistics else (empty, empty)
             setattr(self, f"position_mean_{layer}", position_mean.to(self.layer_max).clone())
             setattr(self, f"position_std_{layer}", position_std.to(self.layer_max).clone())
         self.calibrated.fill_(True)
 
+    @torch.no_grad()
+    def set_part_type_calibration(
+        self,
+        constants: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]],
+    ) -> None:
+        """Store each part type's constants, one :meth:`~.calibration.LayerStatistics.finalize` result per type.
+
+        A type without position statistics keeps zeros and ones in the ``(T, h_l, w_l)`` stacks, unused
+        (``position_types`` is ``False`` for it). The standardization is reset to the identity.
+        """
+        maxima, means, stds, positions = zip(*constants, strict=True)
+        kept = [position for position in positions if position is not None]
+        stacked = None
+        if kept:
+            stacked = []
+            for layer in range(self.num_layers):
+                grid = kept[0][layer][0]
+                layer_means = [p[layer][0] if p else torch.zeros_like(grid) for p in positions]
+                layer_stds = [p[layer][1] if p else torch.ones_like(grid) for p in positions]
+                stacked.append((torch.stack(layer_means), torch.stack(layer_stds)))
+        self.set_calibration(torch.stack(maxima), torch.stack(means), torch.stack(stds), stacked)
+        self.position_types.copy_(torch.tensor([position is not None for position in positions]))
+        centers, scales = torch.zeros(len(constants)), torch.ones(len(constants))
+        self.set_standardization(centers, scales, centers, scales)
+
+    @torch.no_grad()
+    def set_standardization(
+        self, score_center: torch.Tensor, score_scale: torch.Tensor, map_center: torch.Tensor, map_scale: torch.Tensor
+    ) -> None:
+        """Store each part type's image-score and map standardization, each ``(T,)``."""
+        for name, value in zip(_PART_TYPE_BUFFERS[:4], (score_center, score_scale, map_center, map_scale), strict=True):
+            getattr(self, name).copy_(value)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Take the position statistics at their saved grid size (or none, from a checkpoint without them)."""
-        for layer in range(len(self.layer_max)):
+        """Take the constants at their saved shapes: part types, grid sizes (or none, from older checkpoints)."""
+        for name in ("layer_max", "layer_mean", "layer_std"):
+            if prefix + name in state_dict:
+                setattr(self, name, self.layer_max.new_empty(state_dict[prefix + name].shape))
+        for layer in range(self.num_layers):
             for name in (f"position_mean_{layer}", f"position_std_{layer}"):
                 saved = state_dict.setdefault(prefix + name, torch.zeros(0, 0))
                 setattr(self, name, self.layer_max.new_empty(saved.shape))
+        for name in _PART_TYPE_BUFFERS:
+            saved = state_dict.setdefault(prefix + name, getattr(self, name).new_zeros(0))
+            setattr(self, name, getattr(self, name).new_empty(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def position_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def position_scores(
+        self, log_likelihoods: Sequence[torch.Tensor], part_type: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Per-position z-scores ``(mean_p - ll) / std_p`` of L maps ``(B, h_l, w_l)``: L tensors ``(B, 1, h_l, w_l)``.
 
-        The statistics are resized bilinearly onto a grid of another size.
+        The statistics are resized bilinearly onto a grid of another size; with part types, each image's are its
+        type's (``part_type (B,)``).
         """
         scores = []
         for values, (mean, std) in zip(log_likelihoods, self.position_statistics, strict=True):
-            if mean.shape != values.shape[-2:]:
-                grid = values.shape[-2:]
-                mean = F.interpolate(mean[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
-                std = F.interpolate(std[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
-            scores.append(((mean.to(values.dtype) - values) / std.to(values.dtype)).unsqueeze(1))
+            if mean.shape[-2:] != values.shape[-2:]:
+                mean, std = resized_grid(mean, values.shape[-2:]), resized_grid(std, values.shape[-2:])
+            if part_type is not None and self.part_types:
+                mean, std = mean[part_type], std[part_type]
+            scores.append(((mean.to(values.dtype) - values) / std.to(values.dtype)).unsqueeze(-3))
         return scores
 
-    def layer_scores(self, log_likelihoods: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def layer_scores(
+        self, log_likelihoods: Sequence[torch.Tensor], part_type: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Normalize each layer's ``(B, h_l, w_l)`` log-likelihoods into ``(B, 1, h_l, w_l)`` scores.
 
         ``"paper"``: the likelihood ratio ``exp(ll - max_l)`` in ``(0, 1]``, high where normal; ``"zscore"``:
-        ``(mean_l - ll) / std_l``, high where anomalous.
+        ``(mean_l - ll) / std_l``, high where anomalous. With part types, each image's constants are its type's.
         """
+        maximum, mean, std = self.layer_max, self.layer_mean, self.layer_std
+        if part_type is not None and self.part_types:  # (B, L) -> (L, B, 1, 1): a per-image constant per layer
+            maximum, mean, std = (constant[part_type].T[..., None, None] for constant in (maximum, mean, std))
         scores = []
         for layer, values in enumerate(log_likelihoods):
             if self.score_mode == "paper":
-                scores.append(torch.exp(values - self.layer_max[layer]).unsqueeze(1))
+                scores.append(torch.exp(values - maximum[layer]).unsqueeze(1))
             else:
-                scores.append(((self.layer_mean[layer] - values) / self.layer_std[layer]).unsqueeze(1))
+                scores.append(((mean[layer] - values) / std[layer]).unsqueeze(1))
         return scores
 
     def forward(
         self,
         log_likelihoods: Sequence[torch.Tensor],
         image_size: tuple[int, int],
+        part_type: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aggregate L maps ``(B, h_l, w_l)`` into ``anomaly_map (B, 1, H, W)`` and ``pred_score (B,)``."""
+        """Aggregate L maps ``(B, h_l, w_l)`` into ``anomaly_map (B, 1, H, W)`` and ``pred_score (B,)``.
+
+        ``part_type (B,)``: each image's part type, for a model of several (then required).
+        """
+        if self.part_types:
+            return self.part_type_forward(log_likelihoods, image_size, part_type)
         layer_scores = self.layer_scores(log_likelihoods)
         anomaly_map = self.smoothed_map(layer_scores, image_size)
         if not self.position_calibrated:
@@ -205,6 +289,28 @@ class AnomalyMapGenerator(nn.Module):
         if self.image_score_mode != "layer_max":
             position_map = self.smoothed_map(position_scores, image_size, "zscore")
         return anomaly_map, self.scores_of(position_scores, position_map, "zscore")
+
+    def part_type_forward(
+        self, log_likelihoods: Sequence[torch.Tensor], image_size: tuple[int, int], part_type: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` of a model of several part types: each image with its type's constants, standardized."""
+        if part_type is None:
+            msg = "A model of several part types scores an image with its part type: pass part_type (B,)."
+            raise ValueError(msg)
+        layer_scores = self.layer_scores(log_likelihoods, part_type)
+        anomaly_map = self.smoothed_map(layer_scores, image_size)
+        pred_score = self.scores_of(layer_scores, anomaly_map, self.score_mode)
+        if self.position_calibrated:  # for some types: those types' images take the position-calibrated score
+            position_scores = self.position_scores(log_likelihoods, part_type)
+            position_map = None
+            if self.image_score_mode != "layer_max":
+                position_map = self.smoothed_map(position_scores, image_size, "zscore")
+            position_score = self.scores_of(position_scores, position_map, "zscore")
+            pred_score = torch.where(self.position_types[part_type], position_score, pred_score)
+        pred_score = (pred_score - self.score_center[part_type]) / self.score_scale[part_type]
+        map_center, map_scale = self.map_center[part_type], self.map_scale[part_type]
+        anomaly_map = (anomaly_map - map_center[:, None, None, None]) / map_scale[:, None, None, None]
+        return anomaly_map, pred_score
 
     def scores_of(
         self, layer_scores: Sequence[torch.Tensor], anomaly_map: torch.Tensor | None, score_mode: ScoreMode
@@ -263,6 +369,13 @@ class AnomalyMapGenerator(nn.Module):
             return flat.amax(dim=1)
         k = max(1, round(flat.shape[1] * self.top_k_percent / 100.0))
         return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def resized_grid(values: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Resize per-position statistics ``(..., h, w)`` bilinearly onto ``grid`` ``(h', w')`` -> ``(..., h', w')``."""
+    flat = values.reshape(-1, 1, *values.shape[-2:])
+    resized = F.interpolate(flat, size=tuple(grid), mode="bilinear", align_corners=False)
+    return resized.reshape(*values.shape[:-2], *grid)
 
 
 def smoothed_upsampling(

@@ -16,7 +16,7 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.nn import functional as F  # noqa: N812
 
-from .training import process_reduce
+from .training import Reduce, process_reduce
 
 if TYPE_CHECKING:
     from .torch_model import CflowPlusModel
@@ -161,33 +161,95 @@ class LayerStatistics:
 
 def calibrate(
     model: CflowPlusModel,
-    images: Iterable[torch.Tensor],
+    images: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
-    merge: Callable[[LayerStatistics], None] | None = None,
+    reduce: Reduce | None = None,
 ) -> None:
     """Fit ``model``'s calibration constants on batches of pre-processed normal images ``(B, 3, H, W)``.
 
-    ``merge`` combines the statistics of several processes in place (each saw its own shard), before they
-    are final.
+    A model of several part types takes ``(images, part_type (B,))`` pairs: it fits each type's constants on that
+    type's images (:meth:`~.anomaly_map.AnomalyMapGenerator.set_part_type_calibration`), each type's prototype
+    (:class:`~.part_types.PartTypeRecognizer`), then each type's score standardization on the same images' scores.
+    ``reduce`` merges the figures of several processes (each saw its own shard) before they are final.
     """
-    statistics = LayerStatistics(len(model.layers))
+    typed = model.part_types.count
+    statistics = [LayerStatistics(len(model.layers)) for _ in range(max(typed, 1))]
+    descriptor_sums = torch.zeros(typed, model.part_types.prototypes.shape[1], dtype=torch.float64)
+    kept: list[tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]] = []  # for the standardization
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in images:
-            statistics.update(model.image_log_likelihood_maps(batch.to(device)))
+            batch_images, part_type = batch if isinstance(batch, tuple) else (batch, None)
+            if not typed:
+                statistics[0].update(model.image_log_likelihood_maps(batch_images.to(device)))
+                continue
+            batch_images = batch_images.to(device)
+            maps, part_type, descriptors = model.evidence(
+                batch_images, model.feature_part_type(part_type, len(batch_images), batch_images)
+            )
+            part_type = part_type.cpu()
+            for index in part_type.unique().tolist():
+                statistics[index].update([layer_map[part_type == index] for layer_map in maps])
+            descriptor_sums.index_add_(0, part_type, descriptors.double().cpu())
+            kept.append(([layer_map.cpu() for layer_map in maps], part_type, tuple(batch_images.shape[-2:])))
+        if reduce is not None:
+            for type_statistics in statistics:
+                type_statistics.merge(reduce)
+        if not typed:
+            model.anomaly_map.set_calibration(*statistics[0].finalize(model.image_calibration))
+        else:
+            model.anomaly_map.set_part_type_calibration([s.finalize(model.image_calibration) for s in statistics])
+            if reduce is not None:
+                descriptor_sums = reduce(descriptor_sums, "sum").cpu()
+            model.part_types.set_prototypes(descriptor_sums)
+            standardize(model, kept, device, reduce)
     model.train(was_training)
-    if merge is not None:
-        merge(statistics)
-    model.anomaly_map.set_calibration(*statistics.finalize(model.image_calibration))
 
 
-def training_images(trainer: Trainer, pl_module: LightningModule) -> Iterator[torch.Tensor]:
-    """Batches ``(B, 3, H, W)`` of the trainer's training dataloader, pre-processed as in training."""
+def standardize(
+    model: CflowPlusModel,
+    kept: Iterable[tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]],
+    device: torch.device,
+    reduce: Reduce | None = None,
+) -> None:
+    """Fit each part type's score and map standardization on its good images' log-likelihood maps.
+
+    ``kept``: per batch, L maps ``(B, h_l, w_l)``, the part types ``(B,)`` and the image size ``(H, W)``; the maps are
+    scored with the model's fresh constants, and each type's scores and maps' maxima give their mean and std.
+    """
+    moments = torch.zeros(model.part_types.count, 5, dtype=torch.float64)  # count, sum, sum of squares (score, map)
+    for maps, part_type, image_size in kept:
+        part_type = part_type.to(device)
+        anomaly_map, score = model.anomaly_map([layer_map.to(device) for layer_map in maps], image_size, part_type)
+        peak = anomaly_map.flatten(start_dim=1).amax(dim=1)
+        rows = torch.stack([torch.ones_like(score), score, score.pow(2), peak, peak.pow(2)], dim=1)
+        moments.index_add_(0, part_type.cpu(), rows.double().cpu())
+    if reduce is not None:
+        moments = reduce(moments, "sum").cpu()
+    count = moments[:, 0].clamp_min(1)
+    centers, spreads = [], []
+    for column in (1, 3):
+        mean = moments[:, column] / count
+        std = (moments[:, column + 1] / count - mean.pow(2)).clamp_min(0).sqrt()
+        centers.append(mean.float())
+        spreads.append(std.clamp_min(1e-3 * mean.abs() + 1e-6).float())  # one image, or identical ones
+    model.anomaly_map.set_standardization(centers[0], spreads[0], centers[1], spreads[1])
+
+
+def training_images(
+    trainer: Trainer, pl_module: LightningModule
+) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(B, 3, H, W)`` of the trainer's training dataloader, pre-processed as in training.
+
+    Batches that carry part types (:class:`~.data.MultiCategory`) come as ``(images, part_type (B,))``.
+    """
     pre_processor = getattr(pl_module, "pre_processor", None)
     transform = pre_processor.transform if isinstance(pre_processor, PreProcessor) else None
     for batch in trainer.train_dataloader:
-        yield transform(batch.image) if transform is not None else batch.image
+        images = transform(batch.image) if transform is not None else batch.image
+        part_type = getattr(batch, "part_type", None)
+        yield images if part_type is None else (images, part_type)
 
 
 class CalibrationCallback(Callback):
@@ -224,10 +286,11 @@ class CalibrationCallback(Callback):
             return
         self._calibrate_if_stale(trainer, pl_module)
         state = checkpoint.get("state_dict", {})
-        for name, value in pl_module.model.anomaly_map.state_dict().items():
-            key = f"model.anomaly_map.{name}"
-            if key in state:
-                state[key] = value.detach().clone()
+        for module in ("anomaly_map", "part_types"):
+            for name, value in getattr(pl_module.model, module).state_dict().items():
+                key = f"model.{module}.{name}"
+                if key in state:
+                    state[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
 
     def _calibrate_if_stale(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Calibrate ``pl_module.model`` on the training images; with several processes, each calibrates its shard.
@@ -236,7 +299,5 @@ class CalibrationCallback(Callback):
         """
         if not self.stale:
             return
-        reduce = process_reduce(trainer)
-        merge = None if reduce is None else (lambda statistics: statistics.merge(reduce))
-        calibrate(pl_module.model, training_images(trainer, pl_module), pl_module.device, merge)
+        calibrate(pl_module.model, training_images(trainer, pl_module), pl_module.device, process_reduce(trainer))
         self.stale = False

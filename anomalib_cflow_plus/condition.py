@@ -45,11 +45,12 @@ def positional_encoding_1d(
 
 
 class GridCondition(NamedTuple):
-    """The positional condition of fibers on an ``h x w`` grid, kept separable.
+    """The positional condition of fibers on an ``h x w`` grid, kept separable, and optionally their part type.
 
     The 2D encoding of position ``(row, col)`` is ``[columns[col], rows[row]]`` (``P/2`` channels
     each), so a linear map of it splits into a row term and a column term. A decoder therefore
-    projects ``h + w`` half-encodings instead of ``h * w`` full ones.
+    projects ``h + w`` half-encodings instead of ``h * w`` full ones. A model trained on several part
+    types also conditions on the type, a learned vector per type (:class:`~.flow.ConditionalSubnet`).
 
     Attributes:
         rows: ``(h, P/2)`` encoding of each row.
@@ -57,6 +58,8 @@ class GridCondition(NamedTuple):
         row_index: ``(N,)`` row of each of N fibers, or ``None`` for every grid position in row-major
             order (fibers laid out as ``(..., h, w, C)``).
         column_index: ``(N,)`` column of each fiber, or ``None`` as above.
+        part_type: Part-type index ``(B,)`` of each image, shared by all its fibers (fibers ``(B, ..., C)``), or
+            ``(N,)`` of each of N flat fibers ``(N, C)`` after :meth:`select`; ``None`` for a single-type model.
 
     """
 
@@ -64,6 +67,7 @@ class GridCondition(NamedTuple):
     columns: torch.Tensor
     row_index: torch.Tensor | None = None
     column_index: torch.Tensor | None = None
+    part_type: torch.Tensor | None = None
 
     @property
     def grid_size(self) -> int:
@@ -72,9 +76,15 @@ class GridCondition(NamedTuple):
 
     def select(self, fiber_index: torch.Tensor) -> GridCondition:
         """Return the condition of fibers picked by ``fiber_index (N,)`` from a flat ``(B*h*w, C)`` fiber batch."""
-        position = fiber_index % self.grid_size
+        selected = self.select_positions(fiber_index % self.grid_size)
+        if self.part_type is None:
+            return selected
+        return selected._replace(part_type=self.part_type[fiber_index // self.grid_size])
+
+    def select_positions(self, position_index: torch.Tensor) -> GridCondition:
+        """Return the condition of the positions ``position_index (n,)`` of every image, fibers ``(B, n, C)``."""
         width = self.columns.shape[0]
-        return self._replace(row_index=position // width, column_index=position % width)
+        return self._replace(row_index=position_index // width, column_index=position_index % width)
 
     def dense(self) -> torch.Tensor:
         """Return the full encodings: ``(h*w, P)`` for the whole grid, or ``(N, P)`` for indexed fibers."""

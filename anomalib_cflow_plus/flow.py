@@ -30,6 +30,7 @@ __all__ = [
     "grid_log_likelihood",
     "log_likelihood",
     "permute_channels",
+    "set_decoder_part_types",
 ]
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
@@ -68,6 +69,11 @@ class ConditionalSubnet(nn.Module):
     once per row and once per column instead of once per fiber. The last Linear starts at zero,
     so every coupling block starts as the identity map.
 
+    A model trained on several part types adds a learned vector per type, ``type_in (T, hidden)``, to the first
+    layer (the same as a one-hot type code concatenated to the condition): every coupling's scale and shift then
+    depend on the part type, a class-conditional flow. It is empty, ``(0, hidden)``, for a single type
+    (:meth:`set_part_types`).
+
     Args:
         fiber_features: Channels of the passive half of the fibers.
         condition_features: ``P``.
@@ -86,6 +92,34 @@ class ConditionalSubnet(nn.Module):
         self.out = nn.Linear(hidden, out_features)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.type_in = nn.Parameter(torch.zeros(0, hidden))
+
+    def set_part_types(self, count: int) -> None:
+        """Give the subnet a fresh vector per part type (``count``; 0: a single-type model, no type term).
+
+        Drawn as ``condition_in``'s weights are (a one-hot input of ``count`` features through a Linear).
+        """
+        weight = torch.empty(count, self.type_in.shape[1], device=self.type_in.device, dtype=self.type_in.dtype)
+        bound = 1.0 / math.sqrt(max(count, 1))
+        self.type_in = nn.Parameter(nn.init.uniform_(weight, -bound, bound))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take the saved number of part types (none, from a checkpoint of a single-type model)."""
+        saved = state_dict.setdefault(prefix + "type_in", self.type_in.new_zeros(0, self.type_in.shape[1]))
+        if saved.shape != self.type_in.shape:
+            self.type_in = nn.Parameter(self.type_in.new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def type_term(self, condition: torch.Tensor | GridCondition, fibers: torch.Tensor) -> torch.Tensor | None:
+        """Return the part types' first-layer term, broadcastable to the fibers' hidden ``(..., hidden)``, or ``None``.
+
+        ``part_type (B,)`` with fibers ``(B, ..., C)`` gives ``(B, 1, ..., hidden)``; ``(N,)`` with ``(N, C)`` gives
+        ``(N, hidden)``.
+        """
+        if not isinstance(condition, GridCondition) or condition.part_type is None or not len(self.type_in):
+            return None
+        term = self.type_in[condition.part_type]
+        return term.view(term.shape[0], *([1] * (fibers.dim() - 2)), term.shape[-1])
 
     def condition_projection(self, condition: torch.Tensor | GridCondition) -> torch.Tensor:
         """``condition_in`` of a dense condition ``(..., P)`` or of the picked positions of a grid ``(N, hidden)``."""
@@ -107,10 +141,13 @@ class ConditionalSubnet(nn.Module):
         half = condition.columns.shape[-1]
         weight = self.condition_in.weight
         rows = condition.rows @ weight[:, half:].T + self.fiber_in.bias  # (h, hidden)
+        types = self.type_term(condition, fibers)  # (B, 1, 1, hidden) or None
+        if types is not None:
+            rows = rows + types[:, 0]  # (B, h, hidden): still one add into the hidden layer
         columns = condition.columns @ weight[:, :half].T  # (w, hidden)
         hidden = F.linear(fibers, self.fiber_in.weight)  # (..., h, w, hidden)
         # The rows' add comes last, next to the ReLU (and in INT8 to the quantizer of the next product): they fuse.
-        return (hidden.flatten(start_dim=-2) + columns.flatten()).unflatten(-1, columns.shape) + rows[:, None, :]
+        return (hidden.flatten(start_dim=-2) + columns.flatten()).unflatten(-1, columns.shape) + rows[..., None, :]
 
     def forward(self, fibers: torch.Tensor, condition: torch.Tensor | GridCondition) -> torch.Tensor:
         """Fibers ``(..., C_in)`` with their condition -> ``(..., out_features)``.
@@ -122,6 +159,9 @@ class ConditionalSubnet(nn.Module):
             hidden = self.grid_hidden(fibers, condition)
         else:
             hidden = self.fiber_in(fibers) + self.condition_projection(condition)
+            types = self.type_term(condition, fibers)
+            if types is not None:
+                hidden = hidden + types
         return self.out(F.relu(hidden))
 
 
@@ -296,6 +336,13 @@ def build_decoder(
             permutation_seed=seed * 1009 + block,
         )
     return decoder
+
+
+def set_decoder_part_types(decoder: SequenceINN, count: int) -> None:
+    """Give every coupling of ``decoder`` a fresh vector per part type (``count``; 0: none), see ConditionalSubnet."""
+    for block in decoder:
+        if isinstance(block, ConditionalAffineCoupling) and isinstance(block.subnet, ConditionalSubnet):
+            block.subnet.set_part_types(count)
 
 
 def grid_log_likelihood(decoder: SequenceINN, fibers: torch.Tensor, condition: GridCondition) -> torch.Tensor:

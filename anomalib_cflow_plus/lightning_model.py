@@ -31,6 +31,7 @@ from .calibration import CalibrationCallback
 from .data.checks import DataCheckCallback
 from .data.layout import check_layout
 from .export import CflowPlusExportMixin
+from .metrics import add_part_type_metrics
 from .post_processor import CflowPlusPostProcessor, ThresholdMode
 from .reporting import TrainingReportCallback
 from .resume import ResumedFit
@@ -237,10 +238,18 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         check_layout(self.trainer.datamodule)
 
     def setup(self, stage: str | None = None) -> None:
-        """Seed from the CLI on every process (``prepare_data`` runs on one per node only)."""
-        del stage
+        """Seed from the CLI on every process (``prepare_data`` runs on one per node only); take the part types.
+
+        A datamodule of several part types (:class:`~.data.MultiCategory`) makes a fresh model one of those types,
+        and adds each test metric per type (``image_AUROC/<type>``).
+        """
         if self._cli_seed.apply(self._trainer):
             self.model.reset_decoders()
+        names = getattr(getattr(self._trainer, "datamodule", None), "part_types", None)
+        if names:
+            self.model.adopt_part_types(names, fitting=stage == "fit")
+            if isinstance(self.evaluator, Evaluator):
+                add_part_type_metrics(self.evaluator, names)
 
     def on_fit_start(self) -> None:
         """Load the encoder's pretrained weights when a fresh fit starts, not when it resumes from a checkpoint."""
@@ -270,6 +279,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             generator=fiber_generator(self.current_epoch, batch_idx, self.global_rank, self.device),
             no_sync=self._no_gradient_sync,
             scaled=getattr(self.trainer.precision_plugin, "scaler", None) is not None,  # 16-mixed's GradScaler
+            part_type=getattr(batch, "part_type", None),
         )
         self.lr_schedulers().step()
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch.image))
@@ -293,8 +303,8 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
 
         """
         super().on_save_checkpoint(checkpoint)
-        state = self.model.state_dict().items()
-        bad = [name for name, tensor in state if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        tensors = [(name, value) for name, value in self.model.state_dict().items() if isinstance(value, torch.Tensor)]
+        bad = [name for name, value in tensors if value.is_floating_point() and not bool(torch.isfinite(value).all())]
         if bad:
             msg = f"Refusing to save a checkpoint with non-finite values in: {', '.join(bad[:10])}."
             raise FloatingPointError(msg)

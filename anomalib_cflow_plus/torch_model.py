@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import timm
 import torch
@@ -22,12 +22,14 @@ from .anomaly_map import IMAGE_CALIBRATIONS, AnomalyMapGenerator, ImageCalibrati
 from .backbones import load_encoder_weights, resolve_state_dict
 from .condition import GridCondition, check_condition_dim, grid_condition
 from .errors import ConfigurationError, NotCalibratedError
-from .flow import FiberActNorm, build_decoder, grid_log_likelihood, log_likelihood
+from .flow import FiberActNorm, build_decoder, grid_log_likelihood, log_likelihood, set_decoder_part_types
+from .part_types import PartTypeRecognizer, image_descriptors
 from .precision import float32_region
 
 __all__ = [
     "TILE_CONDITIONS",
     "CflowPlusModel",
+    "ImageEvidence",
     "TileCondition",
     "feature_levels",
     "local_mean",
@@ -39,6 +41,21 @@ TileCondition = Literal["image", "tile"]
 TILE_CONDITIONS: tuple[str, ...] = ("image", "tile")
 # Families whose shallow stride-4 features are too thin to help; they use strides 8/16/32.
 _DEEP_DEFAULT_FAMILIES = ("efficientnet", "mobilenet", "tf_efficientnet")
+
+
+class ImageEvidence(NamedTuple):
+    """What a model reads from a batch of images: log-likelihood maps and, with several part types, the types.
+
+    Attributes:
+        maps: L log-likelihood maps ``(B, h_l, w_l)``, tiles stitched.
+        part_type: Part-type index of each image ``(B,)``, or ``None`` for a single-type model.
+        descriptors: Global descriptors ``(B, D)`` the types are recognized from, or ``None`` as above.
+
+    """
+
+    maps: list[torch.Tensor]
+    part_type: torch.Tensor | None = None
+    descriptors: torch.Tensor | None = None
 
 
 def feature_levels(backbone: str) -> list[dict]:
@@ -190,19 +207,55 @@ class CflowPlusModel(nn.Module):
         self.hidden_ratio = hidden_ratio
         self.neighbourhood = neighbourhood
         self.clamp_alpha = clamp_alpha
+        self.part_types = PartTypeRecognizer(sum(self.encoder.out_dims))
         self.decoders = self._build_decoders()
         self.anomaly_map = AnomalyMapGenerator(len(self.layers), sigma, top_k_percent, score_mode, image_score)
         self.image_calibration = image_calibration
         self.tile_condition = tile_condition
         self._tiler: Tiler | None = None
 
+    def adopt_part_types(self, names: Sequence[str], fitting: bool) -> None:
+        """Take a datamodule's part types ``names``: a fresh model about to be fitted becomes one of those types.
+
+        A fitted model keeps its own: it recognizes its types from the images, whatever the datamodule calls them.
+
+        Raises:
+            ConfigurationError: When a fitted model would be fitted again on other part types.
+
+        """
+        if list(names) == self.part_types.names:
+            return
+        if fitting and self.calibrated:
+            trained = ", ".join(self.part_types.names) or "a single part type"
+            msg = (
+                f"This model was fitted on {trained}; it cannot go on fitting on the part types {', '.join(names)}. "
+                "Fit a fresh CflowPlus on them instead."
+            )
+            raise ConfigurationError(msg)
+        if fitting:
+            self.set_part_types(names)
+
     def _build_decoders(self) -> nn.ModuleList:
-        return nn.ModuleList(
+        decoders = nn.ModuleList(
             build_decoder(
                 channels, self.condition_vector, self.coupling_blocks, self.clamp_alpha, index, self.hidden_ratio
             )
             for index, channels in enumerate(self.encoder.out_dims)
         )
+        if self.part_types.count:
+            for decoder in decoders:
+                set_decoder_part_types(decoder, self.part_types.count)
+        return decoders
+
+    def set_part_types(self, names: Sequence[str]) -> None:
+        """Make this one model of the part types ``names``: decoders conditioned on the type, calibration per type.
+
+        The decoders' type vectors are drawn afresh and the model is uncalibrated until it is fitted.
+        """
+        self.part_types.set_names(names)
+        for decoder in self.decoders:
+            set_decoder_part_types(decoder, self.part_types.count)
+        self.anomaly_map.set_part_types(self.part_types.count)
 
     def reset_decoders(self) -> None:
         """Draw new, untrained decoders from the global random state (e.g. after seeding it)."""
@@ -282,11 +335,33 @@ class CflowPlusModel(nn.Module):
         """
         return grid_condition(self.condition_vector, height, width, reference.device, reference.dtype)
 
-    def fibers(self, features: torch.Tensor) -> tuple[torch.Tensor, GridCondition]:
-        """Features ``(B, C, h, w)`` -> fibers ``(B, h*w, C)`` in row-major position order, and their condition."""
+    def fibers(
+        self, features: torch.Tensor, part_type: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, GridCondition]:
+        """Features ``(B, C, h, w)`` -> fibers ``(B, h*w, C)`` in row-major position order, and their condition.
+
+        ``part_type (B,)``: each feature map's part type, for a model of several.
+        """
         height, width = features.shape[-2:]
         fibers = features.flatten(start_dim=2).transpose(1, 2)
-        return fibers, self.condition(height, width, features)
+        return fibers, self.condition(height, width, features)._replace(part_type=part_type)
+
+    def feature_part_type(self, part_type: torch.Tensor | None, images: int, features: torch.Tensor) -> torch.Tensor:
+        """Part type of each feature map ``(B * tiles, ...)`` from each image's ``(B,)``: tiles share their image's.
+
+        Raises:
+            ValueError: When a model of several part types is given no types (its batches must carry them).
+
+        """
+        if part_type is None:
+            msg = (
+                f"This model is one of several part types ({', '.join(self.part_types.names)}): it trains and "
+                "calibrates on batches that say each image's part type (anomalib_cflow_plus.data.MultiCategory)."
+            )
+            raise ValueError(msg)
+        part_type = part_type.to(features.device, torch.long).flatten()
+        per_image = len(features) // images
+        return part_type.repeat_interleave(per_image) if per_image > 1 else part_type
 
     def fiber_log_likelihood(
         self,
@@ -298,15 +373,20 @@ class CflowPlusModel(nn.Module):
         z, log_jac_det = self.decoders[layer](fibers, c=[condition])
         return log_likelihood(z, log_jac_det)
 
-    def log_likelihood_maps(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def log_likelihood_maps(
+        self, features: Sequence[torch.Tensor], part_type: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Log-likelihood maps: L tensors ``(B, h_l, w_l)``; each layer's whole grid goes through its decoder at once.
 
         Features ``(B, C_l, h_l, w_l)`` are NHWC in memory, so their fibers ``(B, h_l, w_l, C_l)`` are a view; the
-        decoders run in their inference form (:func:`~.flow.grid_log_likelihood`).
+        decoders run in their inference form (:func:`~.flow.grid_log_likelihood`). ``part_type (B,)``: each feature
+        map's part type, for a model of several.
         """
         return [
             grid_log_likelihood(
-                decoder, layer_features.permute(0, 2, 3, 1), self.condition(*layer_features.shape[-2:], layer_features)
+                decoder,
+                layer_features.permute(0, 2, 3, 1),
+                self.condition(*layer_features.shape[-2:], layer_features)._replace(part_type=part_type),
             )
             for decoder, layer_features in zip(self.decoders, features, strict=True)
         ]
@@ -340,16 +420,36 @@ class CflowPlusModel(nn.Module):
         state_dict = resolve_state_dict(self.backbone, weights)
         load_encoder_weights(self.feature_encoder, state_dict, self.backbone)
 
-    def image_log_likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def image_log_likelihood_maps(
+        self, images: torch.Tensor, part_type: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Log-likelihood maps of whole images ``(B, 3, H, W)``: L tensors ``(B, h_l, w_l)``, tiles stitched.
 
         Computed in float32 under mixed precision too: calibration and scoring must agree with an exported model.
+        ``part_type (B,)``: the images' part types, for a model of several (``None``: recognized, see :meth:`evidence`).
         """
+        return self.evidence(images, part_type).maps
+
+    def evidence(self, images: torch.Tensor, part_type: torch.Tensor | None = None) -> ImageEvidence:
+        """Log-likelihood maps of images ``(B, 3, H, W)``, with each image's part type for a model of several.
+
+        The part type is ``part_type (B,)`` when given (training and calibration know it), else the nearest
+        prototype's (:class:`~.part_types.PartTypeRecognizer`): inference needs the image alone.
+        """
+        descriptors = feature_types = None
         with float32_region(images):
-            maps = self.log_likelihood_maps(self.encode(images))
+            features = self.encode(images)
+            if self.part_types.count:
+                per_image = len(features[0]) // len(images)  # tiles per image with tile_condition="tile"
+                descriptors = image_descriptors(features, per_image)
+                if part_type is None:
+                    part_type = self.part_types(descriptors)
+                feature_types = self.feature_part_type(part_type, len(images), features[0])
+                part_type = part_type.to(images.device, torch.long).flatten()
+            maps = self.log_likelihood_maps(features, feature_types)
         if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')
             maps = [self.untile(layer_map.unsqueeze(1)).squeeze(1) for layer_map in maps]
-        return maps
+        return ImageEvidence(maps, part_type if self.part_types.count else None, descriptors)
 
     @property
     def calibrated(self) -> bool:
@@ -385,8 +485,8 @@ class CflowPlusModel(nn.Module):
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.require_calibration("score images")
         with float32_region(images):
-            maps = self.image_log_likelihood_maps(images)
-            anomaly_map, pred_score = self.anomaly_map(maps, image_size=tuple(images.shape[-2:]))
+            evidence = self.evidence(images)
+            anomaly_map, pred_score = self.anomaly_map(evidence.maps, tuple(images.shape[-2:]), evidence.part_type)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 

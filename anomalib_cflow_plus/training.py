@@ -256,6 +256,7 @@ class DecoderTraining:
         generator: torch.Generator | None = None,
         no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         scaled: bool = False,
+        part_type: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Train on one batch of pre-processed images ``(B, 3, H, W)``: a few optimizer steps over its fibers.
 
@@ -269,6 +270,7 @@ class DecoderTraining:
             no_sync: Context in which the backward passes run (DDP's ``no_sync``).
             scaled: A gradient scaler steps the optimizer: it skips a non-finite step itself and lowers its scale,
                 so every step is handed to it.
+            part_type: Each image's part type ``(B,)``, which conditions the decoders of a model of several types.
 
         Returns:
             The mean loss per layer of the steps taken (NaN when every step was skipped).
@@ -280,7 +282,13 @@ class DecoderTraining:
         features = self.model.encode(images)
         if not self.model.normalization_initialized:
             self.initialize_normalization(features, reduce)
-        fibers, conditions = zip(*(self.model.fibers(layer_features) for layer_features in features), strict=True)
+        if self.model.part_types.count:
+            part_type = self.model.feature_part_type(part_type, len(images), features[0])
+        else:
+            part_type = None
+        fibers, conditions = zip(
+            *(self.model.fibers(layer_features, part_type) for layer_features in features), strict=True
+        )
         plan = fiber_plan(
             [condition.grid_size for condition in conditions],
             len(features[0]),  # images, or tiles of them
@@ -320,8 +328,11 @@ class DecoderTraining:
         """
         losses = []
         for layer, index in step:
-            picked = fibers[layer][:, index] if self.joint_layers else fibers[layer][index]
-            log_likelihoods = self.model.fiber_log_likelihood(layer, picked, conditions[layer].select(index))
+            if self.joint_layers:
+                picked, condition = fibers[layer][:, index], conditions[layer].select_positions(index)
+            else:
+                picked, condition = fibers[layer][index], conditions[layer].select(index)
+            log_likelihoods = self.model.fiber_log_likelihood(layer, picked, condition)
             losses.append(flow_loss(log_likelihoods))
         return torch.stack(losses).sum()
 

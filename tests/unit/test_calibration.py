@@ -71,10 +71,10 @@ def test_with_several_processes_the_statistics_merge_through_the_trainers_strate
     callback, module = CalibrationCallback(), RecordingModule()
     callback.on_train_batch_end(None, module, None, None, 0)
     callback.on_fit_end(_trainer((1, 3, 8, 8), world_size=2, strategy=strategy), module)
-    ((_, _, merge),) = calibrations
+    ((_, _, process_reduce),) = calibrations
     statistics = LayerStatistics(1)
     statistics.update([torch.ones(1, 2, 2)])
-    merge(statistics)
+    statistics.merge(process_reduce)
     assert reduced == ["max", "sum", "sum", "sum", "sum"]  # maximum, totals, squares, peaks, counts
     assert statistics.count.tolist() == [2.0]  # two processes' images
 
@@ -120,11 +120,14 @@ def test_calibrate_fits_the_model_constants_and_restores_its_mode():
 
     model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1, condition_vector=16).train()
     images = [torch.rand(2, 3, 64, 64), torch.rand(1, 3, 64, 64)]
-    merged = []
-    calibrate(model, images, torch.device("cpu"), merge=merged.append)
+    reduced = []  # a single process's reduce: records what it merges
+    calibrate(
+        model, images, torch.device("cpu"), reduce=lambda values, op: reduced.append((values.clone(), op)) or values
+    )
     assert model.training and bool(model.anomaly_map.calibrated)
-    assert len(merged) == 1 and int(merged[0].count[0]) == 3  # 3 images
-    assert merged[0].total[0].shape == (8, 8)  # layer 0 at stride 8 of 64 px
+    counts = [values for values, op in reduced if op == "sum" and values.shape == (3,)]
+    assert len(counts) == 1 and counts[0].tolist() == [3, 3, 3]  # 3 images per layer
+    assert any(op == "max" and values.shape == (8, 8) for values, op in reduced)  # layer 0 at stride 8 of 64 px
     expected = max(float(ll.max()) for ll in (model.eval().log_likelihood_maps(model.encode(x))[0] for x in images))
     assert float(model.anomaly_map.layer_max[0]) == pytest.approx(expected, rel=1e-5)
 
