@@ -176,6 +176,7 @@ def calibrate(
     statistics = [LayerStatistics(len(model.layers)) for _ in range(max(typed, 1))]
     descriptor_sums = torch.zeros(typed, model.part_types.prototypes.shape[1], dtype=torch.float64)
     kept: list[tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]] = []  # for the standardization
+    descriptors_kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # for each type's distance range
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -193,6 +194,7 @@ def calibrate(
                 statistics[index].update([layer_map[part_type == index] for layer_map in maps])
             descriptor_sums.index_add_(0, part_type, descriptors.double().cpu())
             kept.append(([layer_map.cpu() for layer_map in maps], part_type, tuple(batch_images.shape[-2:])))
+            descriptors_kept.append((descriptors.cpu(), part_type))
         if reduce is not None:
             for type_statistics in statistics:
                 type_statistics.merge(reduce)
@@ -203,8 +205,31 @@ def calibrate(
             if reduce is not None:
                 descriptor_sums = reduce(descriptor_sums, "sum").cpu()
             model.part_types.set_prototypes(descriptor_sums)
+            distance_range(model, descriptors_kept, reduce)
             standardize(model, kept, device, reduce)
     model.train(was_training)
+
+
+def distance_range(
+    model: CflowPlusModel, kept: Iterable[tuple[torch.Tensor, torch.Tensor]], reduce: Reduce | None = None
+) -> None:
+    """Fit each part type's range of training-image distances to its prototype: the largest, and their std.
+
+    ``kept``: per batch, descriptors ``(B, D)`` and part types ``(B,)``.
+    """
+    count = model.part_types.count
+    maximum = torch.zeros(count, dtype=torch.float64)
+    moments = torch.zeros(count, 3, dtype=torch.float64)
+    for descriptors, part_type in kept:
+        distance = model.part_types.distance(descriptors.to(model.part_types.prototypes), part_type).double().cpu()
+        maximum.scatter_reduce_(0, part_type, distance, reduce="amax")
+        rows = torch.stack([torch.ones_like(distance), distance, distance.pow(2)], dim=1)
+        moments.index_add_(0, part_type, rows)
+    if reduce is not None:
+        maximum, moments = reduce(maximum, "max").cpu(), reduce(moments, "sum").cpu()
+    mean = moments[:, 1] / moments[:, 0].clamp_min(1)
+    std = (moments[:, 2] / moments[:, 0].clamp_min(1) - mean.pow(2)).clamp_min(0).sqrt()
+    model.part_types.set_distance_range(maximum.float(), std.float())
 
 
 def standardize(

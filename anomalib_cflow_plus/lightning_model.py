@@ -100,6 +100,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
             for aligned parts whose good images are all least likely at one place). Defaults to ``"auto"``.
         tile_condition (str): With anomalib's tiler, condition on the position in the whole ``"image"`` or in the
             ``"tile"`` (:class:`~.torch_model.CflowPlusModel` has more on these six). Defaults to ``"image"``.
+        per_part_type (bool): With a datamodule of several part types (:class:`~.data.MultiCategory`): ``True`` makes
+            one model of those types, which recognizes each image's type and scores it with decoders conditioned on
+            the type and the type's calibration (:mod:`~.part_types`); ``False`` models their union as one part, as
+            with one type. Defaults to ``True``.
         threshold (str): How the default post-processor learns its thresholds on the validation split: ``"normal"``
             from good images only, for a false-positive rate of ``normal_fpr``; ``"f1"``: anomalib's; ``"auto"``:
             ``"f1"`` when the split holds defective images, else ``"normal"``. Defaults to ``"auto"``.
@@ -147,6 +151,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         image_score: ImageScore = "combined",
         image_calibration: ImageCalibration = "auto",
         tile_condition: TileCondition = "image",
+        per_part_type: bool = True,
         threshold: ThresholdMode = "auto",
         normal_fpr: float = 0.01,
         pre_processor: PreProcessor | bool = True,
@@ -183,7 +188,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         )
         self.backbone, self.pre_trained, self.weights = backbone, pre_trained, weights
         self.training_recipe, self.fiber_batch_size, self.lr = training_recipe, fiber_batch_size, lr
-        self.warmup_fraction, self.check_data = warmup_fraction, check_data
+        self.warmup_fraction, self.check_data, self.per_part_type = warmup_fraction, check_data, per_part_type
         self.decoder_training = DecoderTraining(
             self.model, fiber_batch_size, TRAINING_RECIPES[training_recipe].joint_layers, max_skipped_steps
         )
@@ -246,10 +251,10 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         if self._cli_seed.apply(self._trainer):
             self.model.reset_decoders()
         names = getattr(getattr(self._trainer, "datamodule", None), "part_types", None)
-        if names:
+        if names and self.per_part_type:
             self.model.adopt_part_types(names, fitting=stage == "fit")
-            if isinstance(self.evaluator, Evaluator):
-                add_part_type_metrics(self.evaluator, names)
+        if names and isinstance(self.evaluator, Evaluator):
+            add_part_type_metrics(self.evaluator, names)
 
     def on_fit_start(self) -> None:
         """Load the encoder's pretrained weights when a fresh fit starts, not when it resumes from a checkpoint."""

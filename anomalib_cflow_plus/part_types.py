@@ -37,9 +37,15 @@ class PartTypeRecognizer(nn.Module):
     Args:
         descriptor_size (int): ``D``, the length of an image descriptor (the encoder's channels over its layers).
 
+    An image unlike every trained type must not pass as its nearest one: :meth:`novelty` is how far beyond its
+    type's good training images an image's descriptor lies, ``relu(d - d_max) / d_std`` of the cosine distance ``d``
+    to the prototype, in the spread of those images' distances; 0 within their range.
+
     Attributes:
         names: The part types' names, in index order (empty for a single-type model); saved in the state dict.
         prototypes: ``(T, D)`` buffer, each type's mean descriptor (unit length) over its good training images.
+        distance_max: ``(T,)`` buffer, the largest distance of a type's training images to its prototype.
+        distance_std: ``(T,)`` buffer, the std of those distances.
 
     """
 
@@ -47,6 +53,8 @@ class PartTypeRecognizer(nn.Module):
         super().__init__()
         self.names: list[str] = []
         self.register_buffer("prototypes", torch.zeros(0, descriptor_size))
+        self.register_buffer("distance_max", torch.zeros(0))
+        self.register_buffer("distance_std", torch.ones(0))
 
     @property
     def count(self) -> int:
@@ -61,11 +69,28 @@ class PartTypeRecognizer(nn.Module):
             raise ValueError(msg)
         self.names = names
         self.prototypes = self.prototypes.new_zeros(len(names), self.prototypes.shape[1])
+        self.distance_max = self.prototypes.new_zeros(len(names))
+        self.distance_std = self.prototypes.new_ones(len(names))
 
     @torch.no_grad()
     def set_prototypes(self, descriptor_sums: torch.Tensor) -> None:
         """Set each type's prototype from the sum of its images' descriptors ``(T, D)``."""
         self.prototypes.copy_(F.normalize(descriptor_sums.to(self.prototypes), dim=1))
+
+    @torch.no_grad()
+    def set_distance_range(self, maximum: torch.Tensor, std: torch.Tensor) -> None:
+        """Set each type's largest training distance and the distances' std, each ``(T,)``."""
+        self.distance_max.copy_(maximum)
+        self.distance_std.copy_(std.clamp_min(1e-6))
+
+    def distance(self, descriptors: torch.Tensor, part_type: torch.Tensor) -> torch.Tensor:
+        """Cosine distance of descriptors ``(B, D)`` to their type's prototype ``(B,)``."""
+        return 1.0 - (descriptors * self.prototypes[part_type]).sum(dim=1)
+
+    def novelty(self, descriptors: torch.Tensor, part_type: torch.Tensor) -> torch.Tensor:
+        """How far beyond its type's training images each image lies: ``(B,)``, 0 within their range."""
+        excess = self.distance(descriptors, part_type) - self.distance_max[part_type]
+        return F.relu(excess) / self.distance_std[part_type]
 
     def similarity(self, descriptors: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of descriptors ``(B, D)`` to every prototype -> ``(B, T)``."""
@@ -88,4 +113,8 @@ class PartTypeRecognizer(nn.Module):
         state_dict.setdefault(prefix + "_extra_state", {"names": []})
         saved = state_dict.setdefault(prefix + "prototypes", self.prototypes.new_zeros(0, self.prototypes.shape[1]))
         self.prototypes = self.prototypes.new_empty(saved.shape)
+        for name in ("distance_max", "distance_std"):
+            setattr(
+                self, name, self.prototypes.new_empty(state_dict.setdefault(prefix + name, saved.new_zeros(0)).shape)
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

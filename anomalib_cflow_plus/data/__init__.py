@@ -1,5 +1,7 @@
 """Data for anomalib_cflow_plus: checks of a datamodule's files (``checks``, ``layout``), the demo generator (``demo``).
 
+``multi_category`` joins the datamodules of several part types into one (``MultiCategory``).
+
 The names are loaded when first used, so that the model, which imports the checks, never imports the demo
 generator (and scikit-image with it).
 """
@@ -13,6 +15,12 @@ if TYPE_CHECKING:
     from anomalib_cflow_plus.data.checks import DataCheckCallback, EmptyTrainingSetError, UnreadableImagesError
     from anomalib_cflow_plus.data.demo import DEFECT_TYPES, DEMO_TEXTURES, generate_demo_dataset
     from anomalib_cflow_plus.data.layout import MaskMismatchError, check_masks, report_skipped_files
+    from anomalib_cflow_plus.data.multi_category import (
+        MultiCategory,
+        PartTypeDataset,
+        PartTypeImageBatch,
+        PartTypeImageItem,
+    )
 
 _MODULE_OF = {
     "DataCheckCallback": "checks",
@@ -24,6 +32,10 @@ _MODULE_OF = {
     "DEFECT_TYPES": "demo",
     "DEMO_TEXTURES": "demo",
     "generate_demo_dataset": "demo",
+    "MultiCategory": "multi_category",
+    "PartTypeDataset": "multi_category",
+    "PartTypeImageBatch": "multi_category",
+    "PartTypeImageItem": "multi_category",
 }
 
 __all__ = [
@@ -32,6 +44,10 @@ __all__ = [
     "DataCheckCallback",
     "EmptyTrainingSetError",
     "MaskMismatchError",
+    "MultiCategory",
+    "PartTypeDataset",
+    "PartTypeImageBatch",
+    "PartTypeImageItem",
     "UnreadableImagesError",
     "check_masks",
     "generate_demo_dataset",

@@ -51,6 +51,9 @@ OTHER_CONFIGS = {
     "folder_long_parts.yaml": Expected(
         "efficientnet_lite1", STRIDES["efficientnet_lite1"], (512, 1280), "Folder", "", False
     ),
+    "multi_category.yaml": Expected(
+        "efficientnet_lite1", STRIDES["efficientnet_lite1"], (256, 256), "MultiCategory", "brick+grass+gravel", False
+    ),
     "visa.yaml": Expected("wide_resnet50_2", STRIDES["wide_resnet50_2"], (256, 256), "Visa", "pcb1"),
 }
 
@@ -108,6 +111,7 @@ def test_config_parses_and_builds_its_model(path: Path, tmp_path: Path):
     from anomalib.data import Folder, MVTecAD, Visa
 
     from anomalib_cflow_plus import CflowPlus
+    from anomalib_cflow_plus.data import MultiCategory
 
     want = expected(path)
     with torch.device("meta"):
@@ -136,7 +140,7 @@ def test_config_parses_and_builds_its_model(path: Path, tmp_path: Path):
         assert model.model.condition_vector == 128
         assert model.pre_trained
 
-    data_class = {"MVTecAD": MVTecAD, "Visa": Visa, "Folder": Folder}[want.data]
+    data_class = {"MVTecAD": MVTecAD, "Visa": Visa, "Folder": Folder, "MultiCategory": MultiCategory}[want.data]
     assert type(datamodule) is data_class
     assert datamodule.category == want.category
 
