@@ -185,10 +185,10 @@ def calibrate(
             if not typed:
                 statistics[0].update(model.image_log_likelihood_maps(batch_images.to(device)))
                 continue
-            batch_images = batch_images.to(device)
-            maps, part_type, descriptors = model.evidence(
-                batch_images, model.feature_part_type(part_type, len(batch_images), batch_images)
-            )
+            if part_type is None:
+                msg = "A model of several part types calibrates on (images, part_type) pairs: each image's type."
+                raise ValueError(msg)
+            maps, part_type, descriptors = model.evidence(batch_images.to(device), part_type)
             part_type = part_type.cpu()
             for index in part_type.unique().tolist():
                 statistics[index].update([layer_map[part_type == index] for layer_map in maps])

@@ -17,6 +17,7 @@ import torch
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.metrics.base import AnomalibMetric
+from torchmetrics import Metric
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 __all__ = ["PartTypeMetric", "add_part_type_metrics", "rows_of"]
@@ -50,6 +51,11 @@ class PartTypeMetric(WrapperMetric):
         super().__init__(**kwargs)
         self.metric = copy.deepcopy(metric)
         self.metric.reset()
+        # Rebuilt from the datamodule at every setup: nothing of it goes into (or is expected from) a checkpoint.
+        for module in self.metric.modules():
+            if isinstance(module, Metric):
+                module.persistent(False)
+            module._non_persistent_buffers_set.update(module._buffers)
         self.part_type = part_type
         self.name = f"{metric.name}/{name}"
         self.fields = metric.fields

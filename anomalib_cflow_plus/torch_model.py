@@ -346,7 +346,7 @@ class CflowPlusModel(nn.Module):
         fibers = features.flatten(start_dim=2).transpose(1, 2)
         return fibers, self.condition(height, width, features)._replace(part_type=part_type)
 
-    def feature_part_type(self, part_type: torch.Tensor | None, images: int, features: torch.Tensor) -> torch.Tensor:
+    def feature_part_type(self, part_type: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
         """Part type of each feature map ``(B * tiles, ...)`` from each image's ``(B,)``: tiles share their image's.
 
         Raises:
@@ -360,8 +360,19 @@ class CflowPlusModel(nn.Module):
             )
             raise ValueError(msg)
         part_type = part_type.to(features.device, torch.long).flatten()
-        per_image = len(features) // images
+        per_image = self.tiles_per_feature_batch
         return part_type.repeat_interleave(per_image) if per_image > 1 else part_type
+
+    @property
+    def tiles_per_feature_batch(self) -> int:
+        """Feature maps per image in :meth:`encode`'s output: the tiles with ``tile_condition="tile"``, else 1.
+
+        Read after :meth:`encode` (the tiler counts its tiles when it tiles); a constant, so an export keeps its
+        batch dynamic.
+        """
+        if self.tiler is None or self.tile_condition == "image":
+            return 1
+        return self.tiler.num_patches_h * self.tiler.num_patches_w
 
     def fiber_log_likelihood(
         self,
@@ -440,11 +451,10 @@ class CflowPlusModel(nn.Module):
         with float32_region(images):
             features = self.encode(images)
             if self.part_types.count:
-                per_image = len(features[0]) // len(images)  # tiles per image with tile_condition="tile"
-                descriptors = image_descriptors(features, per_image)
+                descriptors = image_descriptors(features, self.tiles_per_feature_batch)
                 if part_type is None:
                     part_type = self.part_types(descriptors)
-                feature_types = self.feature_part_type(part_type, len(images), features[0])
+                feature_types = self.feature_part_type(part_type, features[0])
                 part_type = part_type.to(images.device, torch.long).flatten()
             maps = self.log_likelihood_maps(features, feature_types)
         if self.tiler is not None and self.tile_condition == "tile":  # per-tile maps (B*T, h, w) -> (B, h', w')

@@ -282,10 +282,8 @@ class DecoderTraining:
         features = self.model.encode(images)
         if not self.model.normalization_initialized:
             self.initialize_normalization(features, reduce)
-        if self.model.part_types.count:
-            part_type = self.model.feature_part_type(part_type, len(images), features[0])
-        else:
-            part_type = None
+        typed = self.model.part_types.count
+        part_type = self.model.feature_part_type(part_type, features[0]) if typed else None
         fibers, conditions = zip(
             *(self.model.fibers(layer_features, part_type) for layer_features in features), strict=True
         )

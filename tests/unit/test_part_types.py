@@ -17,7 +17,7 @@ SIZE = 64
 
 
 def texture_crops(name: str, count: int, seed: int) -> torch.Tensor:
-    """``count`` random ``SIZE``-px RGB crops ``(count, 3, SIZE, SIZE)`` of one of scikit-image's texture photographs."""
+    """``count`` random ``SIZE``-px RGB crops ``(count, 3, SIZE, SIZE)`` of a scikit-image texture photograph."""
     picture = getattr(skimage_data, name)()
     picture = np.stack([picture] * 3, axis=-1) if picture.ndim == 2 else picture[..., :3]
     generator = np.random.default_rng(seed)
