@@ -48,6 +48,7 @@ from .training import (
     resolve_recipe,
     warmup_cosine_schedule,
 )
+from .visualizer import CflowPlusVisualizer
 
 __all__ = ["CflowPlus"]
 
@@ -113,7 +114,7 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         post_processor (PostProcessor | bool): ``True`` for :class:`~.post_processor.CflowPlusPostProcessor` with
             ``threshold`` and ``normal_fpr``. Defaults to ``True``.
         evaluator (Evaluator | bool): ``True`` for image/pixel AUROC and F1 plus AUPRO. Defaults to ``True``.
-        visualizer (Visualizer | bool): ``True`` for anomalib's default. Defaults to ``True``.
+        visualizer (Visualizer | bool): ``True`` for anomalib's, with one folder per part type. Defaults to ``True``.
 
     Raises:
         ConfigurationError: On an argument that cannot work, naming it and what would.
@@ -224,6 +225,11 @@ class CflowPlus(CflowPlusExportMixin, AnomalibModule):
         ]
         attached = {type(callback) for callback in self._trainer.callbacks} if self._trainer is not None else set()
         return [callback for callback in callbacks if type(callback) not in attached]
+
+    @classmethod
+    def configure_visualizer(cls) -> CflowPlusVisualizer:
+        """Return anomalib's image visualizer, with one folder per part type (:mod:`~.visualizer`)."""
+        return CflowPlusVisualizer()
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

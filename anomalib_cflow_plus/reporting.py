@@ -6,7 +6,8 @@
 - ``training_loss.png`` and ``.json``: the loss of every training batch and its batch-size-weighted
   mean per epoch, written when training ends;
 - ``image_scores.png`` and ``.json``: a histogram of the test images' scores, normal against
-  anomalous, with the image threshold, written when testing ends.
+  anomalous, with the image threshold, written when testing ends; one panel per part type when the datamodule
+  has several (:class:`~.data.MultiCategory`).
 
 The plots are drawn on matplotlib ``Figure`` objects (Agg), so no pyplot state or backend changes.
 """
@@ -71,11 +72,15 @@ class EpochLoss(TypedDict):
 
 
 class ScoredImage(TypedDict):
-    """The score of one test image and its ground-truth label (``None`` when the data has none)."""
+    """The score of one test image, its ground-truth label and part type (``None`` when the data has none).
+
+    ``part_type`` is the batch's index while testing, the type's name in the report.
+    """
 
     image_path: str | None
     gt_label: int | None
     pred_score: float
+    part_type: int | str | None
 
 
 # ------------------------------------------------------------------------------------------- numbers
@@ -121,9 +126,11 @@ def batch_image_scores(batch: Any) -> list[ScoredImage]:
     labels = getattr(batch, "gt_label", None)
     labels = [None] * len(scores) if labels is None else [int(label) for label in labels.reshape(-1).cpu().tolist()]
     paths = getattr(batch, "image_path", None) or [None] * len(scores)
+    types = getattr(batch, "part_type", None)
+    types = [None] * len(scores) if types is None else [int(index) for index in types.reshape(-1).cpu().tolist()]
     return [
-        ScoredImage(image_path=None if path is None else str(path), gt_label=label, pred_score=score)
-        for path, label, score in zip(paths, labels, scores, strict=True)
+        ScoredImage(image_path=None if path is None else str(path), gt_label=label, pred_score=score, part_type=kind)
+        for path, label, score, kind in zip(paths, labels, scores, types, strict=True)
     ]
 
 
@@ -188,19 +195,30 @@ def plot_training_loss(history: Sequence[BatchLoss], path: Path) -> Path:
 
 
 def plot_score_histogram(scores: Sequence[ScoredImage], threshold: float | None, scale: str, path: Path) -> Path:
-    """Write a histogram of the image scores, normal against anomalous, with the threshold, as a PNG."""
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
+    """Write a histogram of the image scores, normal against anomalous, with the threshold, as a PNG.
+
+    Images of several part types get one panel per type, on one score axis.
+    """
+    types = sorted({s.get("part_type") for s in scores}, key=str)
+    figure = Figure(figsize=(7, 1 + 3 * len(types)), layout="constrained")
+    panels = figure.subplots(len(types), 1, sharex=True, squeeze=False)[:, 0]
     values = np.array([s["pred_score"] for s in scores], dtype=float)
     finite = values[np.isfinite(values)]
     bins = np.histogram_bin_edges(finite, bins=min(30, max(5, len(finite) // 2))) if finite.size else 10
-    for label, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
-        group = [s["pred_score"] for s in scores if s["gt_label"] == label and math.isfinite(s["pred_score"])]
-        axes.hist(group, bins=bins, alpha=0.6, color=color, label=f"{name} ({len(group)})")
-    if threshold is not None:
-        axes.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3g}")
-    axes.set(xlabel=f"image score ({scale})", ylabel="images", title="Test image scores")
-    axes.legend()
+    for axes, kind in zip(panels, types, strict=True):
+        for label, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+            group = [
+                s["pred_score"]
+                for s in scores
+                if s["gt_label"] == label and s.get("part_type") == kind and math.isfinite(s["pred_score"])
+            ]
+            axes.hist(group, bins=bins, alpha=0.6, color=color, label=f"{name} ({len(group)})")
+        if threshold is not None:
+            axes.axvline(threshold, color="black", ls="--", label=f"threshold {threshold:.3g}")
+        title = "Test image scores" if kind is None else f"Test image scores: {kind}"
+        axes.set(ylabel="images", title=title)
+        axes.legend()
+    panels[-1].set(xlabel=f"image score ({scale})")
     figure.savefig(path, dpi=100)
     return path
 
@@ -333,6 +351,11 @@ class TrainingReportCallback(Callback):
         folder = self.report_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         threshold, scale = image_threshold(pl_module)
+        names = getattr(getattr(trainer, "datamodule", None), "part_types", None)
+        if names:  # the batches' type indices -> the datamodule's names
+            for record in self.image_scores:
+                if isinstance(record.get("part_type"), int):
+                    record["part_type"] = names[record["part_type"]]
         numbers = {"score_scale": scale, "image_threshold": threshold, "images": self.image_scores}
         write_json(numbers, folder / f"{SCORES_FILE_STEM}.json")
         path = plot_score_histogram(self.image_scores, threshold, scale, folder / f"{SCORES_FILE_STEM}.png")

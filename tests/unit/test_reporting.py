@@ -77,13 +77,35 @@ def test_batch_image_scores_pairs_scores_with_labels_and_paths():
         image_path=["good/0.png", "hole/0.png", "stain/0.png"],
     )
     assert batch_image_scores(batch) == [
-        {"image_path": "good/0.png", "gt_label": 0, "pred_score": 0.25},
-        {"image_path": "hole/0.png", "gt_label": 1, "pred_score": 0.5},
-        {"image_path": "stain/0.png", "gt_label": 1, "pred_score": 0.75},
+        {"image_path": "good/0.png", "gt_label": 0, "pred_score": 0.25, "part_type": None},
+        {"image_path": "hole/0.png", "gt_label": 1, "pred_score": 0.5, "part_type": None},
+        {"image_path": "stain/0.png", "gt_label": 1, "pred_score": 0.75, "part_type": None},
     ]
     unlabelled = ImageBatch(image=torch.zeros(1, 3, 4, 4), pred_score=torch.tensor([0.5]))
-    assert batch_image_scores(unlabelled) == [{"image_path": None, "gt_label": None, "pred_score": 0.5}]
+    assert batch_image_scores(unlabelled) == [
+        {"image_path": None, "gt_label": None, "pred_score": 0.5, "part_type": None}
+    ]
     assert batch_image_scores(ImageBatch(image=torch.zeros(1, 3, 4, 4))) == []
+
+
+def test_batch_image_scores_keep_the_part_type_and_the_histogram_has_a_panel_per_type(tmp_path):
+    from PIL import Image
+
+    from anomalib_cflow_plus.data import PartTypeImageBatch
+
+    batch = PartTypeImageBatch(
+        image=torch.zeros(4, 3, 4, 4),
+        gt_label=torch.tensor([0, 1, 0, 1]),
+        pred_score=torch.tensor([0.1, 0.9, 0.2, 0.8]),
+        part_type=torch.tensor([0, 0, 1, 1]),
+    )
+    scores = batch_image_scores(batch)
+    assert [s["part_type"] for s in scores] == [0, 0, 1, 1]
+    for record, name in zip(scores, ["screw", "screw", "tire", "tire"], strict=True):
+        record["part_type"] = name
+    figure_path = plot_score_histogram(scores, 0.5, "raw", tmp_path / "scores.png")
+    one_type = plot_score_histogram(scores[:2], 0.5, "raw", tmp_path / "one.png")
+    assert Image.open(figure_path).height > 1.5 * Image.open(one_type).height  # two panels, stacked
 
 
 def test_unique_images_drops_repeated_paths_keeps_pathless():
