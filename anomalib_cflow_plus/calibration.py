@@ -76,10 +76,7 @@ class LayerStatistics:
             values = values.detach().double().cpu()
             grid = values.shape[1:]
             if self.count[layer] == 0:
-                self.maximum[layer] = torch.full(grid, -torch.inf, dtype=torch.float64)
-                self.total[layer] = torch.zeros(grid, dtype=torch.float64)
-                self.total_sq[layer] = torch.zeros(grid, dtype=torch.float64)
-                self.peaks[layer] = torch.zeros(grid, dtype=torch.float64)
+                self.start(layer, grid)
             elif grid != self.total[layer].shape:
                 msg = (
                     f"Calibration images must share one size: layer {layer} had a grid of "
@@ -93,12 +90,21 @@ class LayerStatistics:
             self.peaks[layer].view(-1).index_add_(0, least_likely, torch.ones(len(values), dtype=torch.float64))
             self.count[layer] += len(values)
 
+    def start(self, layer: int, grid: Sequence[int]) -> None:
+        """Start a layer's figures, of no image yet, on its ``grid`` (e.g. ``(h_l, w_l)``)."""
+        self.maximum[layer] = torch.full(tuple(grid), -torch.inf, dtype=torch.float64)
+        self.total[layer] = torch.zeros(tuple(grid), dtype=torch.float64)
+        self.total_sq[layer] = torch.zeros(tuple(grid), dtype=torch.float64)
+        self.peaks[layer] = torch.zeros(tuple(grid), dtype=torch.float64)
+
     def merge(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         """Merge the statistics of several processes in place: ``reduce(tensor, "max" | "sum")`` across them.
 
-        E.g. Lightning's ``trainer.strategy.reduce(tensor, reduce_op=...)``. Every process must have seen images.
+        E.g. Lightning's ``trainer.strategy.reduce(tensor, reduce_op=...)``. Every process must have seen images, or
+        at least have :meth:`start`-ed every layer on its grid (a process without images of one part type).
         """
-        self._require_data()
+        if any(tensor.numel() == 0 for tensor in self.total):
+            self._require_data()
         for tensors, op in ((self.maximum, "max"), (self.total, "sum"), (self.total_sq, "sum"), (self.peaks, "sum")):
             for tensor in tensors:
                 tensor.copy_(reduce(tensor, op).cpu())
@@ -196,11 +202,19 @@ def calibrate(
             kept.append(([layer_map.cpu() for layer_map in maps], part_type, tuple(batch_images.shape[-2:])))
             descriptors_kept.append((descriptors.cpu(), part_type))
         if reduce is not None:
-            for type_statistics in statistics:
+            grids = next((s.total for s in statistics if bool((s.count > 0).all())), [])
+            for type_statistics in statistics:  # a process may have no image of some type: it adds nothing
+                for layer, grid in enumerate(grids):
+                    if type_statistics.count[layer] == 0:
+                        type_statistics.start(layer, grid.shape)
                 type_statistics.merge(reduce)
         if not typed:
             model.anomaly_map.set_calibration(*statistics[0].finalize(model.image_calibration))
         else:
+            missing = [name for name, s in zip(model.part_types.names, statistics, strict=True) if s.count.min() == 0]
+            if missing:
+                msg = f"No good training image of the part types {missing} reached calibration, on any process."
+                raise RuntimeError(msg)
             model.anomaly_map.set_part_type_calibration([s.finalize(model.image_calibration) for s in statistics])
             if reduce is not None:
                 descriptor_sums = reduce(descriptor_sums, "sum").cpu()

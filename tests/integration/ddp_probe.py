@@ -33,6 +33,7 @@ class DecoderFingerprint(Callback):
             "decoder_norm": decoders.norm().item(),
             "layer_max": calibration.layer_max.tolist(),
             "layer_mean": calibration.layer_mean.tolist(),
+            "prototypes": pl_module.model.part_types.prototypes.double().sum().item(),
             "skipped_steps": pl_module.decoder_training.skipped_steps,
         }
         directory = Path(os.environ["DDP_PROBE_DIR"])

@@ -75,3 +75,39 @@ def test_the_exported_model_scores_a_mixed_batch_as_torch_does(two_types, tmp_pa
     outputs = ov.Core().compile_model(ov.Core().read_model(path), "CPU", F32)(images.numpy())
     np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_yaml_config_trains_one_model_on_two_cpu_processes(tmp_path: Path):
+    """configs/multi_category.yaml through anomalib's CLI, DDP on two processes: both hold one model of every type."""
+    import json
+
+    from anomalib_cflow_plus.data import generate_demo_dataset
+
+    from .cli import ANOMALIB, run
+
+    root = generate_demo_dataset(
+        tmp_path / "demo", textures=("brick", "grass", "gravel"), image_size=64, n_train=8, n_test_good=2,
+        n_test_defect=2, seed=0,
+    )  # fmt: skip
+    config = Path(__file__).parents[2] / "configs" / "multi_category.yaml"
+    local = tmp_path / "multi_category.yaml"
+    local.write_text(config.read_text().replace("root: datasets/demo", f"root: {root}"))
+    probe = tmp_path / "probe"
+    output = run(
+        ANOMALIB, "train", "--config", str(local), "--model.init_args.backbone", "efficientnet_lite0",
+        "--model.init_args.coupling_blocks", "2", "--data.init_args.train_batch_size", "4",
+        "--data.init_args.num_workers", "0", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--default_root_dir", str(tmp_path / "run"),
+        "--trainer.callbacks+=tests.integration.ddp_probe.DecoderFingerprint",
+        env={"DDP_PROBE_DIR": str(probe), "PYTHONPATH": str(Path(__file__).parents[2])},
+    )  # fmt: skip
+    ranks = [json.loads((probe / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [record["world_size"] for record in ranks] == [2, 2]
+    assert ranks[0]["decoder_sum"] == ranks[1]["decoder_sum"]  # type vectors included
+    assert ranks[0]["layer_max"] == ranks[1]["layer_max"] and len(ranks[0]["layer_max"]) == 3  # per type (3, L)
+    assert ranks[0]["prototypes"] == ranks[1]["prototypes"]
+    for name in ("brick", "grass", "gravel"):
+        assert f"image_AUROC/{name}" in output
+    folders = {path.name for path in (tmp_path / "run").rglob("images/*") if path.is_dir()}
+    assert folders == {"brick", "grass", "gravel"}  # one folder of visualized images per type

@@ -175,3 +175,19 @@ def test_the_paper_recipe_conditions_each_flat_fiber_on_its_images_type():
     picked = model.fiber_log_likelihood(0, fibers.flatten(end_dim=1)[index], condition.select(index))
     whole = model.log_likelihood_maps(features, part_type)[0].flatten(start_dim=1)  # (2, 64)
     torch.testing.assert_close(picked, whole[:, 3], atol=1e-5, rtol=1e-5)
+
+
+def test_a_process_without_images_of_one_type_merges_and_a_type_without_any_is_named():
+    torch.manual_seed(0)
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1, condition_vector=16)
+    model.set_part_types(["a", "b"])
+    only_a = [(torch.rand(2, 3, 64, 64), torch.tensor([0, 0]))]
+    merged = []
+
+    def two_processes(values: torch.Tensor, op: str) -> torch.Tensor:
+        merged.append(tuple(values.shape))
+        return values  # the other process: no image of "b" either
+
+    with pytest.raises(RuntimeError, match=r"\['b'\]"):
+        calibrate(model, only_a, torch.device("cpu"), reduce=two_processes)
+    assert (8, 8) in merged  # "b"'s empty figures were merged on the grid of "a"'s
