@@ -67,7 +67,7 @@ def test_the_exported_model_scores_a_mixed_batch_as_torch_does(two_types, tmp_pa
     test_data = datamodule.test_data
     batch = test_data.collate_fn([test_data[index] for index in (0, len(test_data) - 1, 1, len(test_data) - 2)])
     assert batch.part_type.tolist() == [0, 1, 0, 1]  # both types in one batch
-    images = model.pre_processor.transform(batch.image)  # the exported graph resizes too: same size in, same out
+    images = batch.image  # the model (and its exported graph) pre-processes them
     model.eval()
     with torch.no_grad():
         expected = model(images)
@@ -111,3 +111,35 @@ def test_the_yaml_config_trains_one_model_on_two_cpu_processes(tmp_path: Path):
         assert f"image_AUROC/{name}" in output
     folders = {path.name for path in (tmp_path / "run").rglob("images/*") if path.is_dir()}
     assert folders == {"brick", "grass", "gravel"}  # one folder of visualized images per type
+
+
+def test_int8_quantizes_a_model_of_two_types_and_keeps_the_scoring_tail_in_fp32(two_types, tmp_path: Path):
+    """INT8 PTQ of a model of two types, calibrated on the joined training images (anomalib's export path)."""
+    from anomalib.deploy import CompressionType, ExportType
+
+    from anomalib_cflow_plus.quantization import fp32_tail_names
+
+    model, datamodule, engine, _ = two_types
+    path = engine.export(
+        model, ExportType.OPENVINO, export_root=tmp_path, input_size=(64, 64),
+        compression_type=CompressionType.INT8_PTQ, datamodule=datamodule,
+    )  # fmt: skip
+    quantized = ov.Core().read_model(path)
+    fake_quantizers = {op.get_friendly_name() for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize"}
+    assert len(fake_quantizers) >= 20
+    assert not fake_quantizers & set(fp32_tail_names(quantized))
+    test_data = datamodule.test_data
+    batch = test_data.collate_fn([test_data[index] for index in range(len(test_data))])
+    images = batch.image
+    scores = ov.Core().compile_model(quantized, "CPU", F32)(images.numpy())["pred_score"]
+    with torch.no_grad():
+        expected = model.eval()(images).pred_score.numpy()
+    # the types' mean image AUROC holds (a one-epoch model on 11 images per type: a loose bound)
+    from sklearn.metrics import roc_auc_score
+
+    aurocs = []
+    for index in (0, 1):
+        rows, labels = (batch.part_type == index).numpy(), batch.gt_label.numpy()
+        aurocs.append((roc_auc_score(labels[rows], scores[rows]), roc_auc_score(labels[rows], expected[rows])))
+    (int8, fp32) = np.mean(aurocs, axis=0)
+    assert int8 >= fp32 - 0.1, aurocs
