@@ -271,6 +271,57 @@ class FiberActNorm(InvertibleModule):
         self.scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # A model of several part types: each type's own offsets (T, C), so that every type's fibers are normalized
+        # by its own statistics, as a single-type model's are; empty for a single type.
+        self.type_scale = nn.Parameter(torch.zeros(0, channels))
+        self.type_bias = nn.Parameter(torch.zeros(0, channels))
+        self.register_buffer("type_initialized", torch.zeros(0, dtype=torch.bool))
+
+    def set_part_types(self, count: int) -> None:
+        """Give the normalization zero offsets for ``count`` part types (0: none), each to be data-initialized."""
+        channels = self.scale.shape[0]
+        self.type_scale = nn.Parameter(self.scale.new_zeros(count, channels))
+        self.type_bias = nn.Parameter(self.scale.new_zeros(count, channels))
+        self.type_initialized = torch.zeros(count, dtype=torch.bool, device=self.scale.device)
+
+    @torch.no_grad()
+    def initialize_types(self, count: torch.Tensor, total: torch.Tensor, total_sq: torch.Tensor) -> None:
+        """Set the offsets of every part type not yet initialized that has fibers, from their moments.
+
+        ``count (T,)``, ``total (T, C)`` and ``total_sq (T, C)``: the number, sum and sum of squares of each type's
+        fibers (over every process). The type's fibers then leave the normalization zero-mean and unit-variance.
+        """
+        due = (count > 1) & ~self.type_initialized
+        if not bool(due.any()):
+            return
+        mean = total[due] / count[due, None]
+        std = (total_sq[due] / count[due, None] - mean.pow(2)).clamp_min(1e-6).sqrt().clamp_min(1e-3)
+        self.type_scale[due] = (-torch.log(std) - self.scale).to(self.type_scale)
+        self.type_bias[due] = (-mean / std - self.bias).to(self.type_bias)
+        self.type_initialized |= due
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Take the saved number of part types (none, from a checkpoint of a single-type model)."""
+        channels = self.scale.shape[0]
+        for name in ("type_scale", "type_bias"):
+            saved = state_dict.setdefault(prefix + name, self.scale.new_zeros(0, channels))
+            if saved.shape != getattr(self, name).shape:
+                setattr(self, name, nn.Parameter(self.scale.new_empty(saved.shape)))
+        saved = state_dict.setdefault(prefix + "type_initialized", torch.zeros(0, dtype=torch.bool))
+        self.type_initialized = torch.zeros(saved.shape, dtype=torch.bool, device=self.scale.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scale_and_bias(self, condition: Any, fibers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each fiber's scale and bias: the shared ``(C,)``, plus its type's offsets when the condition has types.
+
+        With ``part_type (B,)`` and fibers ``(B, ..., C)`` they are ``(B, 1, ..., C)``; with ``(N,)`` and ``(N, C)``,
+        ``(N, C)``.
+        """
+        part_type = getattr(condition, "part_type", None)
+        if part_type is None or not len(self.type_scale):
+            return self.scale, self.bias
+        shape = (len(part_type), *([1] * (fibers.dim() - 2)), self.scale.shape[0])
+        return self.scale + self.type_scale[part_type].view(shape), self.bias + self.type_bias[part_type].view(shape)
 
     @torch.no_grad()
     def initialize(self, fibers: torch.Tensor, eps: float = 1e-3) -> None:
@@ -288,13 +339,17 @@ class FiberActNorm(InvertibleModule):
         rev: bool = False,
         jac: bool = True,
     ) -> tuple[tuple[torch.Tensor], torch.Tensor]:
-        """Normalize fibers ``x[0]`` (..., C); return ``((y,), log_det (...))``. Unconditional: ``c`` is unused."""
-        del c, jac
+        """Normalize fibers ``x[0]`` (..., C); return ``((y,), log_det (...))``.
+
+        The condition ``c[0]`` matters only through its part types (:meth:`scale_and_bias`).
+        """
+        del jac
         fibers = x[0]
-        log_det = self.scale.sum().expand(fibers.shape[:-1])
+        scale, bias = self.scale_and_bias(c[0] if c else None, fibers)
+        log_det = scale.sum(dim=-1).expand(fibers.shape[:-1])
         if rev:
-            return ((fibers - self.bias) * torch.exp(-self.scale),), -log_det
-        return (fibers * torch.exp(self.scale) + self.bias,), log_det
+            return ((fibers - bias) * torch.exp(-scale),), -log_det
+        return (fibers * torch.exp(scale) + bias,), log_det
 
     def output_dims(self, input_dims: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """Fibers keep their shape."""
@@ -325,7 +380,7 @@ def build_decoder(
 
     """
     decoder = SequenceINN(channels)
-    decoder.append(FiberActNorm)
+    decoder.append(FiberActNorm, cond=0, cond_shape=(condition_dim,))
     for block in range(coupling_blocks):
         decoder.append(
             ConditionalAffineCoupling,
@@ -343,6 +398,8 @@ def set_decoder_part_types(decoder: SequenceINN, count: int) -> None:
     for block in decoder:
         if isinstance(block, ConditionalAffineCoupling) and isinstance(block.subnet, ConditionalSubnet):
             block.subnet.set_part_types(count)
+        elif isinstance(block, FiberActNorm):
+            block.set_part_types(count)
 
 
 def grid_log_likelihood(decoder: SequenceINN, fibers: torch.Tensor, condition: GridCondition) -> torch.Tensor:
@@ -361,7 +418,7 @@ def grid_log_likelihood(decoder: SequenceINN, fibers: torch.Tensor, condition: G
 
     """
     normalization, *couplings = decoder
-    (state,), log_det = normalization((fibers,))
+    (state,), log_det = normalization((fibers,), c=[condition])
     for index, coupling in enumerate(couplings):
         state, block_log_det = coupling.score_grid(state, condition, permute=index < len(couplings) - 1)
         log_det = log_det + block_log_det

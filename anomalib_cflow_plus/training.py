@@ -284,6 +284,8 @@ class DecoderTraining:
             self.initialize_normalization(features, reduce)
         typed = self.model.part_types.count
         part_type = self.model.feature_part_type(part_type, features[0]) if typed else None
+        if typed and not all(bool(actnorm.type_initialized.all()) for actnorm in self.model.normalizations):
+            self.initialize_type_normalization(features, part_type, reduce)
         fibers, conditions = zip(
             *(self.model.fibers(layer_features, part_type) for layer_features in features), strict=True
         )
@@ -346,6 +348,29 @@ class DecoderTraining:
             for actnorm in self.model.normalizations:
                 for parameter in actnorm.parameters():
                     parameter.data.copy_(reduce(parameter.data.clone(), "mean"))
+
+    @torch.no_grad()
+    def initialize_type_normalization(
+        self, features: Sequence[torch.Tensor], part_type: torch.Tensor, reduce: Reduce | None = None
+    ) -> None:
+        """Data-initialize each part type's normalization offsets from the first batch that has its images.
+
+        Features ``(B, C_l, h_l, w_l)`` of images of types ``part_type (B,)``; the moments of each type's fibers are
+        summed over processes, so that every process initializes the same types the same way.
+        """
+        if not all(bool(torch.isfinite(layer_features).all()) for layer_features in features):
+            return
+        for actnorm, layer_features in zip(self.model.normalizations, features, strict=True):
+            fibers = layer_features.flatten(start_dim=2).double()  # (B, C, h*w)
+            types = len(actnorm.type_initialized)
+            count = torch.zeros(types, dtype=torch.float64, device=fibers.device)
+            count.index_add_(0, part_type, torch.full_like(part_type, fibers.shape[-1], dtype=torch.float64))
+            total = fibers.new_zeros(types, fibers.shape[1]).index_add_(0, part_type, fibers.sum(dim=-1))
+            total_sq = fibers.new_zeros(types, fibers.shape[1]).index_add_(0, part_type, fibers.pow(2).sum(dim=-1))
+            if reduce is not None:
+                moments = reduce(torch.cat([count[:, None], total, total_sq], dim=1), "sum")
+                count, total, total_sq = moments[:, 0], *moments[:, 1:].chunk(2, dim=1)
+            actnorm.initialize_types(count, total, total_sq)
 
     def gradients_are_finite(self, loss: torch.Tensor, reduce: Reduce | None = None) -> bool:
         """Average the decoders' gradients over processes; whether they and the loss are finite on every process."""

@@ -73,9 +73,13 @@ ARMS = {"unified": True, "union": False}  # arm -> per_part_type
 IMAGE_SIZE = 256
 
 
-def datasets(data_root: Path, quick: bool) -> list[str]:
-    """The part types: every real category of ``data_root`` and the three demo textures (the textures alone, quick)."""
-    return list(DEMO_TYPES) if quick else [*real_categories(data_root), *DEMO_TYPES]
+def datasets(data_root: Path, quick: bool, chosen: Sequence[str] | None = None) -> list[str]:
+    """The part types: every real category of ``data_root`` and the three demo textures (the textures alone, quick).
+
+    ``chosen`` (``--types``) picks some of them, e.g. to try a change on two categories first.
+    """
+    names = list(DEMO_TYPES) if quick else [*real_categories(data_root), *DEMO_TYPES]
+    return [name for name in names if not chosen or name in chosen or type_name(name) in chosen]
 
 
 def type_name(dataset: str) -> str:
@@ -122,20 +126,30 @@ def reference_model(model: CflowPlus, images: torch.Tensor) -> CflowPlus:
     return single
 
 
-def recognized_share(model: CflowPlus, datamodule: MultiCategory) -> dict[str, float]:
-    """Per type, the share of its test images whose part type the model recognized (``per_part_type`` models)."""
+def recognition_and_novelty(model: CflowPlus, datamodule: MultiCategory) -> dict[str, dict[str, float]]:
+    """Per type: the share of its test images whose type the model recognized, and its image AUROC without the
+    novelty term (the score of the calibrated maps alone), to weigh that term (``per_part_type`` models)."""
+    from sklearn.metrics import roc_auc_score
+
     names = datamodule.part_types
-    hits, counts = torch.zeros(len(names)), torch.zeros(len(names))
+    rows: list[tuple[int, bool, int, float]] = []  # true type, recognized, label, score without novelty
     model.eval()
     with torch.no_grad():
         for batch in datamodule.test_dataloader():
-            truth = batch.part_type.flatten()
-            found = model.model.evidence(model.pre_processor.transform(batch.image)).part_type
-            recognized = [model.model.part_types.names[index] for index in found.tolist()]
-            for index, name in zip(truth.tolist(), recognized, strict=True):
-                counts[index] += 1
-                hits[index] += float(names[index] == name)
-    return {name: float(hits[index] / counts[index]) for index, name in enumerate(names)}
+            images = model.pre_processor.transform(batch.image)
+            evidence = model.model.evidence(images)
+            _, score = model.model.anomaly_map(evidence.maps, tuple(images.shape[-2:]), evidence.part_type)
+            found = [model.model.part_types.names[index] for index in evidence.part_type.tolist()]
+            for index, name, label, value in zip(
+                batch.part_type.tolist(), found, batch.gt_label.tolist(), score.tolist(), strict=True
+            ):
+                rows.append((index, names[index] == name, int(label), value))
+    result: dict[str, dict[str, float]] = {"recognized": {}, "image_auroc_without_novelty": {}}
+    for index, name in enumerate(names):
+        mine = [row for row in rows if row[0] == index]
+        result["recognized"][name] = sum(row[1] for row in mine) / len(mine)
+        result["image_auroc_without_novelty"][name] = float(roc_auc_score([r[2] for r in mine], [r[3] for r in mine]))
+    return result
 
 
 def unified_job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +187,7 @@ def unified_job(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
     }
     if spec["per_part_type"]:
-        output["recognized"] = recognized_share(model, datamodule)
+        output |= recognition_and_novelty(model, datamodule)
         images = next(iter(datamodule.train_dataloader())).image[:4]
         irs = {}
         for arm, candidate in (("unified", model), ("single type", reference_model(model, images))):
@@ -204,13 +218,15 @@ def arm_spec(args: argparse.Namespace, seed: int, per_part_type: bool, names: Se
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run every arm's jobs (cached by spec) and time the unified IRs; write the raw results."""
-    names = datasets(args.data_root, args.quick)
+    names = datasets(args.data_root, args.quick, args.types)
     report: dict[str, Any] = {"environment": environment(), "types": [type_name(name) for name in names]}
     report["per_type"] = {
         type_name(name): [per_type_results(name, seed, args) for seed in args.seeds] for name in names
     }
     for arm, per_part_type in ARMS.items():
         report[arm] = []
+        if arm not in args.arms:
+            continue
         for seed in args.unified_seeds:
             spec = arm_spec(args, seed, per_part_type, names)
             result = run_job("benchmarks.unified", "job", spec, JOB_DIR, spec_key(spec), reuse=True, label=arm)
@@ -298,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30, help="OpenVINO timing rounds")
     parser.add_argument("--reuse-source", help="take per-type jobs of this earlier source hash from the job cache")
+    parser.add_argument("--types", nargs="+", help="only these part types (e.g. screw demo/brick)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="one model on all types")
     parser.add_argument("--quick", action="store_true", help="the three demo textures only, 1 epoch, 1 seed")
     args = parser.parse_args(argv)
     if args.quick:
