@@ -191,3 +191,21 @@ def test_a_process_without_images_of_one_type_merges_and_a_type_without_any_is_n
     with pytest.raises(RuntimeError, match=r"\['b'\]"):
         calibrate(model, only_a, torch.device("cpu"), reduce=two_processes)
     assert (8, 8) in merged  # "b"'s empty figures were merged on the grid of "a"'s
+
+
+def test_each_types_fibers_leave_the_normalization_standardized_from_its_first_batch():
+    torch.manual_seed(0)
+    model = CflowPlusModel(backbone="efficientnet_lite0", coupling_blocks=1, condition_vector=16)
+    model.set_part_types(["dark", "bright"])
+    images = torch.cat([torch.rand(2, 3, 64, 64) * 0.2, 0.8 + torch.rand(2, 3, 64, 64) * 0.2])
+    part_type = torch.tensor([0, 0, 1, 1])
+    training = DecoderTraining(model, fiber_batch_size=64, joint_layers=True, max_skipped_steps=5)
+    training.initialize_type_normalization(model.encode(images), part_type)
+    actnorm = model.normalizations[0]
+    assert actnorm.type_initialized.tolist() == [True, True]
+    fibers, condition = model.fibers(model.encode(images)[0], part_type)  # (4, h*w, C)
+    (normalized_fibers,), _ = actnorm((fibers,), c=[condition])
+    for index in (0, 1):
+        of_type = normalized_fibers[part_type == index].flatten(end_dim=1)
+        torch.testing.assert_close(of_type.mean(dim=0), torch.zeros(of_type.shape[1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(of_type.std(dim=0, unbiased=False), torch.ones(of_type.shape[1]), atol=2e-2, rtol=0)
