@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
+from torchvision.transforms.v2 import Resize
 
 from anomalib_cflow_plus import CflowPlus
 from anomalib_cflow_plus.backbones import load_encoder_weights, packaged_state_dict
@@ -106,12 +107,16 @@ def per_type_results(dataset: str, seed: int, args: argparse.Namespace) -> dict[
     return real_data_job(spec)
 
 
-def unified_datamodule(spec: dict[str, Any]) -> MultiCategory:
-    """:class:`MultiCategory` over one anomalib ``MVTecAD`` datamodule per type of the spec."""
+def unified_datamodule(spec: dict[str, Any], resize: bool = False) -> MultiCategory:
+    """:class:`MultiCategory` over one anomalib ``MVTecAD`` datamodule per type of the spec.
+
+    ``resize``: each child resizes its images itself (without a model, whose pre-processor would).
+    """
     children = []
+    augmentations = Resize((IMAGE_SIZE, IMAGE_SIZE)) if resize else None
     for dataset in spec["datasets"]:
         root, category = dataset_location(dataset, Path(spec["data_root"]))
-        children.append(demo_datamodule(root, category, batch_size=16, num_workers=0))
+        children.append(demo_datamodule(root, category, batch_size=16, num_workers=0, augmentations=augmentations))
     return MultiCategory(children, train_batch_size=16, eval_batch_size=16, num_workers=0)
 
 
@@ -202,6 +207,64 @@ def unified_job(spec: dict[str, Any]) -> dict[str, Any]:
     return output
 
 
+def novelty_study(args: argparse.Namespace) -> dict[str, Any]:
+    """How far beyond its type's training range each test image's descriptor lies, and an unseen type's images.
+
+    The descriptors come from the frozen encoder alone, so no decoder is trained: per type, the prototype and the
+    training range (largest distance, std) as :func:`~anomalib_cflow_plus.calibration.calibrate` fits them; then
+    each test image's excess ``(d - d_max) / d_std`` over its nearest type, and, leaving each type out, its images'
+    excess over the nearest of the others (what :data:`~anomalib_cflow_plus.part_types.NOVELTY_MARGIN` must separate).
+    """
+    from anomalib_cflow_plus.part_types import image_descriptors
+    from anomalib_cflow_plus.torch_model import CflowPlusModel
+
+    names = datasets(args.data_root, args.quick, args.types)
+    model = CflowPlusModel().eval()
+    load_encoder_weights(model.feature_encoder, packaged_state_dict(model.backbone), model.backbone)
+    transform = AnomalibModule.configure_pre_processor((IMAGE_SIZE, IMAGE_SIZE)).transform
+    datamodule = unified_datamodule({"datasets": names, "data_root": str(args.data_root)}, resize=True)
+    datamodule.setup("fit")
+    found: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
+    kinds: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
+    labels: list[torch.Tensor] = []
+    with torch.no_grad():
+        for split, loader in (("train", datamodule.train_dataloader()), ("test", datamodule.test_dataloader())):
+            for batch in loader:
+                found[split].append(image_descriptors(model.encode(transform(batch.image))))
+                kinds[split].append(batch.part_type.flatten())
+                if split == "test":
+                    labels.append(batch.gt_label.flatten())
+    train, test = torch.cat(found["train"]), torch.cat(found["test"])
+    train_type, test_type, label = torch.cat(kinds["train"]), torch.cat(kinds["test"]), torch.cat(labels)
+
+    def excess(chosen: list[int], descriptors: torch.Tensor) -> torch.Tensor:
+        prototypes = torch.stack([torch.nn.functional.normalize(train[train_type == t].mean(0), dim=0) for t in chosen])
+        ranges = []
+        for index, kind in enumerate(chosen):
+            distance = 1 - train[train_type == kind] @ prototypes[index]
+            ranges.append((distance.max(), distance.std(unbiased=False).clamp_min(1e-6)))
+        similarity = descriptors @ prototypes.T
+        nearest = similarity.argmax(dim=1)
+        maximum = torch.stack([r[0] for r in ranges])[nearest]
+        spread = torch.stack([r[1] for r in ranges])[nearest]
+        return (1 - similarity.max(dim=1).values - maximum) / spread
+
+    everyone = list(range(len(names)))
+    seen = excess(everyone, test)
+    report: dict[str, Any] = {}
+    for index, name in enumerate(names):
+        mine = test_type == index
+        unseen = excess([t for t in everyone if t != index], test[mine])
+        report[type_name(name)] = {
+            "good_max": float(seen[mine & (label == 0)].max()),
+            "good_q95": float(seen[mine & (label == 0)].quantile(0.95)),
+            "anomalous_max": float(seen[mine & (label == 1)].max()),
+            "unseen_min": float(unseen.min()),
+            "unseen_median": float(unseen.median()),
+        }
+    return report
+
+
 def arm_spec(args: argparse.Namespace, seed: int, per_part_type: bool, names: Sequence[str]) -> dict[str, Any]:
     """The spec of a unified or union job."""
     return {
@@ -242,30 +305,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def summary(runs: Sequence[dict[str, Any]], name: str, metric: str) -> dict[str, float]:
-    """Mean and spread over seeds of one type's metric in unified or union runs."""
-    return mean_and_spread(run["metrics"][name][metric] for run in runs if "metrics" in run)
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The table of the issue: per type, each arm's image AUROC, pixel AUROC and AUPRO; then the costs."""
+    arms = ["per type", *(arm for arm in ARMS if report.get(arm))]
     lines = [
-        "| type | "
-        + " | ".join(f"{arm} {metric}" for metric in METRICS for arm in ("per type", "unified", "union"))
-        + " |",
-        "|---|" + "---|" * (3 * len(METRICS)),
+        "| type | " + " | ".join(f"{arm} {metric}" for metric in METRICS for arm in arms) + " |",
+        "|---|" + "---|" * (len(arms) * len(METRICS)),
     ]
-    means: dict[str, dict[str, list[float]]] = {arm: {m: [] for m in METRICS} for arm in ("per type", *ARMS)}
+    means: dict[str, dict[str, list[float]]] = {arm: {m: [] for m in METRICS} for arm in arms}
     for name in report["types"]:
         cells = []
         for metric in METRICS:
-            per_type = mean_and_spread(run[metric] for run in report["per_type"][name] if metric in run)
-            entries = {"per type": per_type, **{arm: summary(report[arm], name, metric) for arm in ARMS}}
-            for arm, entry in entries.items():
+            for arm in arms:
+                runs = report["per_type"][name] if arm == "per type" else report[arm]
+                values = [run[metric] if arm == "per type" else run["metrics"][name][metric] for run in runs]
+                entry = mean_and_spread(values)
                 means[arm][metric].append(entry["mean"])
                 cells.append(format_spread(entry))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    mean_cells = [f"{statistics.fmean(means[arm][m]):.3f}" for m in METRICS for arm in ("per type", *ARMS)]
+    mean_cells = [f"{statistics.fmean(means[arm][metric]):.3f}" for metric in METRICS for arm in arms]
     lines.append("| **mean** | " + " | ".join(mean_cells) + " |")
     lines += ["", *cost_lines(report)]
     return "\n".join(lines)
@@ -306,7 +364,7 @@ def cost_lines(report: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Train the arms, or report them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["train", "report"])
+    parser.add_argument("command", choices=["train", "report", "novelty"])
     parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT, help="MVTec-AD-layout real categories")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the per-type models")
     parser.add_argument("--unified-seeds", type=int, nargs="+", default=[0], help="seeds of the unified and union")
@@ -325,6 +383,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--data-root {args.data_root} does not exist: give a folder of real categories in MVTec AD layout "
             "(<root>/<category>/train/good, test/<defect>, ground_truth/<defect>), or run --quick on the demo alone."
         )
+    if args.command == "novelty":
+        study = novelty_study(args)
+        write_json(OUT_DIR / "unified_novelty.json", study)
+        print("| type | good, max | good, 95th pct | anomalous, max | left out: min | left out: median |")
+        print("|---|---|---|---|---|---|")
+        for name, row in study.items():
+            print(f"| {name} | " + " | ".join(f"{value:.1f}" for value in row.values()) + " |")
+        return
     report = train(args) if args.command == "train" else json.loads(REPORT.read_text())
     print(markdown(report))
 
