@@ -121,11 +121,18 @@ def unified_datamodule(spec: dict[str, Any], resize: bool = False) -> MultiCateg
 
 
 def reference_model(model: CflowPlus, images: torch.Tensor) -> CflowPlus:
-    """A single-type CflowPlus of the same architecture, calibrated on a few images: for export and timing only."""
+    """A single-type CflowPlus with the unified model's encoder and shared decoder weights, calibrated on a few images.
+
+    For export and timing only. Its decoders must be trained ones: an untrained coupling's last layer is zero, and
+    the exporter folds it away, which would make the single-type IR smaller and faster than any trained one.
+    """
     single = CflowPlus(pre_processor=AnomalibModule.configure_pre_processor((IMAGE_SIZE, IMAGE_SIZE)))
-    single.model.load_state_dict(
-        {key: value for key, value in model.model.state_dict().items() if key.startswith("encoder.")}, strict=False
-    )
+    shared = {
+        key: value
+        for key, value in model.model.state_dict().items()
+        if key.startswith(("encoder.", "decoders.")) and "type_" not in key
+    }
+    single.model.load_state_dict(shared, strict=False)
     calibrate(single.model, [single.pre_processor.transform(images)], torch.device("cpu"))
     single.post_processor = model.post_processor
     return single
@@ -364,7 +371,9 @@ def cost_lines(report: dict[str, Any]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Train the arms, or report them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["train", "report", "novelty"])
+    parser.add_argument("command", choices=["train", "report", "novelty", "time"])
+    parser.add_argument("--job", help="time: the unified job (its spec key) whose IRs to time")
+    parser.add_argument("--single-ir", type=Path, help="time: a trained single-type IR (dynamic batch) to time against")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_REALDEV_ROOT, help="MVTec-AD-layout real categories")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the per-type models")
     parser.add_argument("--unified-seeds", type=int, nargs="+", default=[0], help="seeds of the unified and union")
@@ -383,6 +392,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--data-root {args.data_root} does not exist: give a folder of real categories in MVTec AD layout "
             "(<root>/<category>/train/good, test/<defect>, ground_truth/<defect>), or run --quick on the demo alone."
         )
+    if args.command == "time":  # a unified job's IRs against a trained single-type IR, side by side
+        unified = json.loads((JOB_DIR / f"{args.job}.json").read_text())
+        irs = {
+            "unified": unified["irs"]["unified"],
+            "single type": {"1": str(args.single_ir), "8": str(args.single_ir)},
+        }
+        timing_args = argparse.Namespace(repeats=args.repeats, warmup=3, threads=args.threads)
+        configs = [{"precision": "f32", "batch": batch} for batch in (1, 8)]
+        timing = deploy_speed.time_irs(irs, configs, timing_args, "unified_time", reference="single type")
+        sizes = {name: Path(by_batch["1"]).with_suffix(".bin").stat().st_size / 2**20 for name, by_batch in irs.items()}
+        write_json(OUT_DIR / "unified_time.json", {"job": args.job, "ir_mb": sizes, "timing": timing})
+        for line in cost_lines({"per_type": {}, "types": [], "unified": [], "union": [], "timing": timing}):
+            print(line)
+        print(f"- IR: unified {sizes['unified']:.1f} MiB, single type {sizes['single type']:.1f} MiB.")
+        return
     if args.command == "novelty":
         study = novelty_study(args)
         write_json(OUT_DIR / "unified_novelty.json", study)
