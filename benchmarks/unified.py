@@ -359,7 +359,13 @@ def cost_lines(report: dict[str, Any]) -> list[str]:
         )
         shares = {name: statistics.fmean(run["recognized"][name] for run in unified) for name in report["types"]}
         lines.append("- Test images whose type was recognized: " + ", ".join(f"{n} {s:.3f}" for n, s in shares.items()))
-    for result in (report.get("timing") or {}).get("results", []):
+    return lines + timing_lines(report.get("timing"))
+
+
+def timing_lines(timing: dict[str, Any] | None) -> list[str]:
+    """The unified IR's OpenVINO latency against the single-type IR's, per batch size, as markdown lines."""
+    lines = []
+    for result in (timing or {}).get("results", []):
         entry = result["summary"]["unified"]
         lines.append(
             f"- OpenVINO f32 batch {result['batch']}: unified {entry['ms_per_image']:.1f} ms per image, "
@@ -403,8 +409,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         timing = deploy_speed.time_irs(irs, configs, timing_args, "unified_time", reference="single type")
         sizes = {name: Path(by_batch["1"]).with_suffix(".bin").stat().st_size / 2**20 for name, by_batch in irs.items()}
         write_json(OUT_DIR / "unified_time.json", {"job": args.job, "ir_mb": sizes, "timing": timing})
-        for line in cost_lines({"per_type": {}, "types": [], "unified": [], "union": [], "timing": timing}):
-            print(line)
+        print("\n".join(timing_lines(timing)))
         print(f"- IR: unified {sizes['unified']:.1f} MiB, single type {sizes['single type']:.1f} MiB.")
         return
     if args.command == "novelty":
