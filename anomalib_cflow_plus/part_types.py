@@ -43,13 +43,13 @@ def image_descriptors(features: Sequence[torch.Tensor], per_image: int = 1) -> t
 class PartTypeRecognizer(nn.Module):
     """The part types a model was trained on, their names and prototypes, and the nearest-prototype rule.
 
-    Args:
-        descriptor_size (int): ``D``, the length of an image descriptor (the encoder's channels over its layers).
-
     An image unlike every trained type must not pass as its nearest one: :meth:`novelty` is how far beyond its
     type's good training images an image's descriptor lies, ``relu(d - d_max - m * d_std) / d_std`` of the cosine
     distance ``d`` to the prototype, in the spread ``d_std`` of those images' distances, with the margin ``m`` of
-    :data:`NOVELTY_MARGIN`, times :data:`NOVELTY_WEIGHT`; 0 within the margin.
+    :data:`NOVELTY_MARGIN`, times :data:`NOVELTY_WEIGHT`; 0 within the margin. It is added to the image score.
+
+    Args:
+        descriptor_size (int): ``D``, the length of an image descriptor (the encoder's channels over its layers).
 
     Attributes:
         names: The part types' names, in index order (empty for a single-type model); saved in the state dict.
@@ -98,7 +98,7 @@ class PartTypeRecognizer(nn.Module):
         return 1.0 - (descriptors * self.prototypes[part_type]).sum(dim=1)
 
     def novelty(self, descriptors: torch.Tensor, part_type: torch.Tensor) -> torch.Tensor:
-        """How far beyond its type's training images each image lies: ``(B,)``, 0 within their range."""
+        """Score how far beyond its type's training images each image lies: ``(B,)``, 0 within the margin."""
         spread = self.distance_std[part_type]
         excess = self.distance(descriptors, part_type) - self.distance_max[part_type] - NOVELTY_MARGIN * spread
         return NOVELTY_WEIGHT * F.relu(excess) / spread

@@ -497,9 +497,8 @@ class CflowPlusModel(nn.Module):
         with float32_region(images):
             evidence = self.evidence(images)
             anomaly_map, pred_score = self.anomaly_map(evidence.maps, tuple(images.shape[-2:]), evidence.part_type)
-            if evidence.descriptors is not None:  # an image unlike its nearest trained type is anomalous all over
-                novelty = self.part_types.novelty(evidence.descriptors, evidence.part_type)
-                pred_score, anomaly_map = pred_score + novelty, anomaly_map + novelty[:, None, None, None]
+            if evidence.descriptors is not None:  # an image unlike its nearest trained type is anomalous
+                pred_score = pred_score + self.part_types.novelty(evidence.descriptors, evidence.part_type)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 
