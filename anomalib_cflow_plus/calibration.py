@@ -180,7 +180,7 @@ def calibrate(
     """
     typed = model.part_types.count
     statistics = [LayerStatistics(len(model.layers)) for _ in range(max(typed, 1))]
-    descriptor_sums = torch.zeros(typed, model.part_types.prototypes.shape[1], dtype=torch.float64)
+    descriptor_sums = torch.zeros(typed, model.part_types.prototypes.shape[1], dtype=torch.float64) if typed else None
     kept: list[tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]] = []  # for the standardization
     descriptors_kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # for each type's distance range
     was_training = model.training

@@ -320,7 +320,7 @@ class FiberActNorm(InvertibleModule):
         part_type = getattr(condition, "part_type", None)
         if part_type is None or not len(self.type_scale):
             return self.scale, self.bias
-        shape = (len(part_type), *([1] * (fibers.dim() - 2)), self.scale.shape[0])
+        shape = (-1, *([1] * (fibers.dim() - 2)), self.scale.shape[0])  # -1: an export keeps the batch dynamic
         return self.scale + self.type_scale[part_type].view(shape), self.bias + self.type_bias[part_type].view(shape)
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ ALLOWED_OFF_DEVICE: dict[tuple[str, str], str] = {
     # each batch's log-likelihood maps there (`.double().cpu()`).
     ("created", f"{PACKAGE}.calibration:LayerStatistics.__init__"): "CPU float64 statistics, by design",
     ("created", f"{PACKAGE}.calibration:LayerStatistics.update"): "CPU float64 statistics, by design",
+    ("created", f"{PACKAGE}.calibration:LayerStatistics.start"): "CPU float64 statistics, by design",
     # The finished (CPU) constants enter the model through its buffers, on its device: once per calibration.
     ("mixed", f"{PACKAGE}.anomaly_map:AnomalyMapGenerator.set_calibration"): "copies CPU statistics into buffers",
 }
