@@ -36,6 +36,15 @@ __all__ = [
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
+def per_part_type(values: torch.Tensor, part_type: torch.Tensor, fibers: torch.Tensor) -> torch.Tensor:
+    """Pick each fiber's row of per-type ``values (T, D)``, broadcastable against the fibers.
+
+    ``part_type (B,)`` with fibers ``(B, ..., C)`` gives ``(B, 1, ..., D)``; ``(N,)`` with ``(N, C)`` gives ``(N, D)``.
+    The leading size is ``-1``, so that an export keeps the batch dynamic.
+    """
+    return values[part_type].view(-1, *([1] * (fibers.dim() - 2)), values.shape[-1])
+
+
 class _PermuteChannels(torch.autograd.Function):
     """``x[..., permutation]`` whose backward is the gather ``grad[..., inverse]``, not a scatter-add.
 
@@ -118,8 +127,7 @@ class ConditionalSubnet(nn.Module):
         """
         if not isinstance(condition, GridCondition) or condition.part_type is None or not len(self.type_in):
             return None
-        term = self.type_in[condition.part_type]
-        return term.view(term.shape[0], *([1] * (fibers.dim() - 2)), term.shape[-1])
+        return per_part_type(self.type_in, condition.part_type, fibers)
 
     def condition_projection(self, condition: torch.Tensor | GridCondition) -> torch.Tensor:
         """``condition_in`` of a dense condition ``(..., P)`` or of the picked positions of a grid ``(N, hidden)``."""
@@ -320,8 +328,8 @@ class FiberActNorm(InvertibleModule):
         part_type = getattr(condition, "part_type", None)
         if part_type is None or not len(self.type_scale):
             return self.scale, self.bias
-        shape = (-1, *([1] * (fibers.dim() - 2)), self.scale.shape[0])  # -1: an export keeps the batch dynamic
-        return self.scale + self.type_scale[part_type].view(shape), self.bias + self.type_bias[part_type].view(shape)
+        scale, bias = (per_part_type(values, part_type, fibers) for values in (self.type_scale, self.type_bias))
+        return self.scale + scale, self.bias + bias
 
     @torch.no_grad()
     def initialize(self, fibers: torch.Tensor, eps: float = 1e-3) -> None:
